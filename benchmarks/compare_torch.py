@@ -50,6 +50,7 @@ NORM_EPS = 1e-6
 log = logging.getLogger("benchmarks.compare_torch")
 SETTLE_S = 0.2  # pause between turns, so no thread of the previous worker still spins
 MAX_PEAK_WINDOW_S = 10.0  # as src.bench: matmuls timed per turn for at most this long
+REMAT_POLICY = jax.checkpoint_policies.dots_with_no_batch_dims_saveable  # as src.models.dit's default
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 
@@ -89,14 +90,16 @@ class MirrorBlock(nnx.Module):
     self.adaLN = linear(width, 6 * width, rngs, zero=True)
 
   def attention(self, x):
-    """Softmax attention written out, as src.models.attention does (on CPU ~10% faster
-    in the step than jax.nn.dot_product_attention's XLA path, measured)."""
+    """Softmax attention written out as src.models.attention does: heads-major, the
+    normalisation after the product with V (faster on CPU than a softmax over
+    token-major einsums or jax.nn.dot_product_attention's XLA path, measured)."""
     b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)  # [B, N, 3, heads, Dh]
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, Dh]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (d // self.heads) ** -0.5, k)  # [B, heads, N, N]
-    out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)  # [B, N, heads, Dh]
-    return self.proj(out.reshape(b, n, d))
+    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).transpose(2, 0, 3, 1, 4)  # [3, B, heads, N, Dh]
+    q, k, v = qkv[0] * (d // self.heads) ** -0.5, qkv[1], qkv[2]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)  # [B, heads, N, N]
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v) / jnp.sum(weights, axis=-1, keepdims=True)
+    return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
   def __call__(self, x, c):
     shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(self.adaLN(jax.nn.silu(c)), 6, axis=-1)  # [B, D] each
@@ -108,9 +111,11 @@ class MirrorBlock(nnx.Module):
 class MirrorDiT(nnx.Module):
   """(latents [B, H, W, C], timesteps [B], labels [B]) -> [B, H, W, 2C].
 
-  The blocks are stacked and applied with lax.scan, as the project's DiT does by
-  default: with XLA:CPU in jax 0.10 the 12 blocks unrolled took ~3x longer in the
-  train step than scanned (measured), which would make the comparison unfair to JAX.
+  The blocks are stacked and applied with lax.scan under the rematerialisation policy
+  the project's DiT uses by default (model.remat=dots_no_batch): the backward pass
+  keeps the projections' outputs and recomputes the rest. With XLA:CPU in jax 0.10
+  that step ran ~2x faster than keeping every residual of the scanned blocks
+  (measured), which would make the comparison unfair to JAX.
   """
 
   def __init__(self, depth: int, width: int, heads: int, input_size: int = INPUT_SIZE,
@@ -139,7 +144,8 @@ class MirrorDiT(nnx.Module):
     c = self.t_fc2(jax.nn.silu(self.t_fc1(jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], -1))))
     c = c + self.y_embedder(y)  # [B, D]
     graphdef, stacked = nnx.split(self.blocks)
-    x = jax.lax.scan(lambda x, layer: (nnx.merge(graphdef, layer)(x, c), None), x, stacked)[0]
+    body = jax.checkpoint(lambda x, layer: (nnx.merge(graphdef, layer)(x, c), None), policy=REMAT_POLICY)
+    x = jax.lax.scan(body, x, stacked)[0]
     shift, scale = jnp.split(self.final_adaLN(jax.nn.silu(c)), 2, axis=-1)
     x = self.final_linear(modulate(layer_norm(x), shift, scale))  # [B, N, p*p*2C]
     p, g = self.patch, h // self.patch

@@ -3,7 +3,8 @@
 Compiles the exact train step of a config for a TPU topology from a CPU host, with
 libtpu's compile-only devices (`jax.experimental.topologies.get_topology_desc`), and
 prints one JSON line: per-chip memory, FLOPs per step, the collectives in the
-optimised HLO, and whether the step fits in the chip's HBM. Nothing is allocated:
+optimised HLO, the attention kernel and how many Mosaic (Pallas) kernels the step
+holds, and whether the step fits in the chip's HBM. Nothing is allocated:
 the model, optimizer state and batch exist only as shapes and shardings. This is
 MaxText's `train_compile.py` idea: find out on a laptop whether a run fits a pod.
 
@@ -36,6 +37,7 @@ from src import config as config_lib
 from src import mesh as mesh_lib
 from src import optim, tasks
 from src.config import Config, pixels_to_vae
+from src.models.attention import compiling_for, resolve_impl
 from src.models.vae import VideoVAE
 from src.train import TrainState, compile_step
 
@@ -148,6 +150,11 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
   return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
+def count_mosaic_kernels(hlo_text: str) -> int:
+  """Pallas/Mosaic kernels (splash attention) in optimised TPU HLO: their custom calls."""
+  return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))
+
+
 def memory_report(compiled, hbm_bytes: int) -> dict:
   m = compiled.memory_analysis()
   # Donated state: outputs alias arguments, so they are counted once.
@@ -170,7 +177,8 @@ def lower_step(cfg: Config, mesh: Mesh, rules, batch: dict, frozen):
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
   graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
   step = compile_step(cfg, mesh, graphdef, state, optimizer, batch, frozen)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+  # Kernels traced for the mesh's platform (splash is Mosaic on TPU, interpreted on CPU).
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), compiling_for(mesh.devices.flat[0].platform):
     return step.lower(state, batch, frozen), state
 
 
@@ -181,7 +189,10 @@ def step_flops(cfg: Config, rules, batch: dict, compiled, chips: int) -> float:
   if not cfg.model.scan_layers or cfg.task != "dit":
     return flops(compiled.cost_analysis()) * chips
   one = config_lib.MeshConfig(data=1, fsdp=1, sequence=1, tensor=1)
-  unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False), mesh=one)
+  # XLA attention in the twin: the same attention FLOPs as a one-clip row, where an
+  # interpreted splash kernel's loops would be costed once.
+  unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, attention="xla"),
+                                 mesh=one)
   cpu = mesh_lib.make_mesh(one, jax.devices("cpu")[:1])
   return flops(lower_step(unrolled, cpu, rules, batch, abstract_frozen(unrolled, cpu))[0].cost_analysis())
 
@@ -189,13 +200,17 @@ def step_flops(cfg: Config, rules, batch: dict, compiled, chips: int) -> float:
 def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
   """Lower and compile the train step for the topology; the report as a dict."""
   devices = topology_devices(topo, slices)
+  # The kernel the run on that pod would pick (auto resolves by the compiling host's
+  # backend otherwise, and this host is a CPU).
+  attention = resolve_impl(cfg.model.attention, "tpu")
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   rules = mesh_lib.make_rules(cfg.mesh.rules)
   batch = abstract_batch(cfg)
   frozen = abstract_frozen(cfg, mesh)
   lowered, state = lower_step(cfg, mesh, rules, batch, frozen)
   report = dict(topology=f"{topo.generation}-{topo.chips * CORES_PER_CHIP[topo.generation]}", grid=topo.name,
-                slices=slices, chips=len(devices), mesh=dict(mesh.shape),
+                slices=slices, chips=len(devices), mesh=dict(mesh.shape), attention=attention,
                 params=sum(x.size for x in jax.tree.leaves(state.params)), batch=cfg.data.batch_size,
                 batch_shapes={k: list(v.shape[1:]) for k, v in batch.items()})
   hbm = HBM_GIB[topo.generation] * GIB
@@ -206,8 +221,9 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
       raise
     return dict(report, hbm_gib=HBM_GIB[topo.generation], fits=False, error=str(e).strip().splitlines()[0])
   total = step_flops(cfg, rules, batch, compiled, len(devices))
+  hlo = compiled.as_text()
   return dict(report, **memory_report(compiled, hbm), flops_per_step=total, flops_per_chip=total / len(devices),
-              collectives=count_collectives(compiled.as_text()))
+              collectives=count_collectives(hlo), mosaic_kernels=count_mosaic_kernels(hlo))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

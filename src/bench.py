@@ -8,7 +8,8 @@ interleaved with the step, so that both see the same machine load (DESIGN.md,
 "Performance, measured"). Commands and recorded numbers: docs/benchmarks.md.
 
   step     the real train step (src.train.compile_step) on a 1-device mesh: step time,
-           tokens/s, achieved FLOP/s, MFU; --packed adds rows of 3 mixed-shape examples
+           tokens/s, achieved FLOP/s, MFU; --packed adds rows of 3 mixed-shape examples,
+           --unrolled the same step with the layers unrolled (paired ratios for both)
   compile  trace and compile time of the train step against depth, scanned vs unrolled
   packing  benchmarks/packing.py: padding of the packed stream vs buckets
   data     clips/s of the grain pipeline (src.data.pipeline.make_iterator), synthetic source
@@ -274,21 +275,28 @@ def step_record(name: str, cfg: Config, batch: dict, seconds: list[float], peak:
 
 def bench_step(args) -> list[dict]:
   """The train step, unpacked (and packed with --packed), interleaved with the peak matmul."""
-  cases = {"unpacked": False, **({"packed": True} if args.packed else {})}
+  cases = {"unpacked": (False, args.scan)}
+  if args.packed:
+    cases["packed"] = (True, args.scan)
+  if args.unrolled:
+    cases["unrolled"] = (False, False)
   runners, batches, cfgs = {}, {}, {}
-  for name, packed in cases.items():
-    cfgs[name] = bench_config(args.variant, args.batch, args.latent, args.patch, args.scan, args.depth, packed)
+  for name, (packed, scan) in cases.items():
+    cfgs[name] = bench_config(args.variant, args.batch, args.latent, args.patch, scan, args.depth, packed)
     batches[name] = make_batch(cfgs[name], packed)
     runners[name] = StepRunner(cfgs[name], batches[name]).warm_up()
     log.info("%s: traced in %.1fs, compiled in %.1fs", name, runners[name].trace_s, runners[name].compile_s)
   times, peak = interleave_with_peak(runners, args.repeats)
   records = [emit(step_record(n, cfgs[n], batches[n], times[n], peak, runners[n].num_params), args.out)
              for n in cases]
-  if args.packed:  # paired per round: the two steps ran next to each other
-    ratios = [p / u for p, u in zip(times["packed"], times["unpacked"])]
-    records.append(emit(dict(bench="step_packed_vs_unpacked", variant=args.variant,
-                             time_ratio=round(statistics.median(ratios), 4),
-                             mfu_ratio=round(records[1]["mfu"] / records[0]["mfu"], 4), **host()), args.out))
+  by_case = dict(zip(cases, records))
+  for other in ("packed", "unrolled"):  # paired per round: the steps ran next to each other
+    if other in cases:
+      ratios = [a / b for a, b in zip(times[other], times["unpacked"])]
+      records.append(emit(dict(bench=f"step_{other}_vs_unpacked", variant=args.variant, scan=args.scan,
+                               time_ratio=round(statistics.median(ratios), 4),
+                               mfu_ratio=round(by_case[other]["mfu"] / by_case["unpacked"]["mfu"], 4), **host()),
+                          args.out))
   return records
 
 
@@ -398,6 +406,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   common.add_argument("--latent", type=int, nargs=3, default=[32, 32, 4], metavar=("H", "W", "C"))
   common.add_argument("--patch", type=int, default=2, help="spatial patch (1 x p x p)")
   common.add_argument("--packed", action="store_true", help="also rows of 3 mixed-shape examples")
+  common.add_argument("--unrolled", action="store_true",
+                      help="step: also the unpacked step with the layers unrolled (scan vs loop, paired)")
   common.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="model.scan_layers")
   common.add_argument("--repeats", type=int, help=f"timed repeats (defaults: {DEFAULT_REPEATS})")
   common.add_argument("--out", help="append the JSON lines to this file too")

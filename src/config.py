@@ -30,6 +30,13 @@ class MeshConfig:
   fsdp: int = -1
   sequence: int = 1
   tensor: int = 1
+  # Multislice (several TPU slices joined by the data-center network, DCN): how many
+  # slices each axis spans. The product must equal the slice count; -1 takes the
+  # slices the others leave. Default: only `data` crosses slices (gradient all-reduce
+  # once per step over the slow network); dcn_fsdp > 1 also shards the model across
+  # slices (more DCN traffic, less memory per chip). Ignored on one slice.
+  dcn_data: int = -1
+  dcn_fsdp: int = 1
   # Overrides of the logical-axis rules table in `mesh.py`: logical name -> mesh
   # axis, list of mesh axes, or null (replicated).
   rules: Dict[str, Any] = field(default_factory=dict)
@@ -64,8 +71,16 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: str = "float32"  # compute dtype; parameters stay float32
   scan_layers: bool = True  # lax.scan over stacked layers; false: unrolled loop
-  remat: str = "none"  # none | full | dots | dots_no_batch
-  attention: str = "auto"  # auto (splash on TPU, else xla) | xla (dense masks from segment ids) | splash
+  # What the backward pass keeps from the forward (jax.checkpoint policies): none =
+  # everything, full = only layer inputs, dots = matmul outputs, dots_no_batch = the
+  # projections' outputs (attention scores are recomputed). dots_no_batch is the
+  # fastest measured on CPU with scan (stacking every residual of a scanned layer
+  # costs more memory traffic than recomputing the elementwise work) and keeps far
+  # less activation memory than none; docs/benchmarks.md has the numbers.
+  remat: str = "dots_no_batch"
+  # auto: splash on TPU, else xla | xla: dense bias from segment ids | splash: the TPU
+  # Pallas kernel with segment ids | cudnn: GPU flash attention, needs dtype bfloat16
+  attention: str = "auto"
 
 
 @dataclass
@@ -241,7 +256,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "vae.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("auto", "xla", "splash"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
     "model.text_encoder": ("precomputed", "bytes"),
     "objective.kind": ("flow", "diffusion"),
     "objective.timestep_sampling": ("logit_normal", "uniform"),

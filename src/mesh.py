@@ -120,15 +120,32 @@ def axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes)
 
 
+def dcn_sizes(cfg: MeshConfig, slices: int) -> tuple[int, int]:
+  """(data, fsdp) slice counts for `slices` slices: -1 resolved, product checked."""
+  dcn = [cfg.dcn_data, cfg.dcn_fsdp]
+  if dcn.count(-1) > 1 or any(d == 0 or d < -1 for d in dcn):
+    raise ValueError(f"mesh.dcn_data={cfg.dcn_data}, mesh.dcn_fsdp={cfg.dcn_fsdp}: positive, at most one -1.")
+  fixed = math.prod(d for d in dcn if d != -1)
+  if -1 in dcn and slices % fixed == 0:
+    dcn[dcn.index(-1)] = slices // fixed
+  if math.prod(dcn) != slices:
+    raise ValueError(f"mesh.dcn_data={cfg.dcn_data} x mesh.dcn_fsdp={cfg.dcn_fsdp} must multiply to the "
+                     f"{slices} slices of the devices.")
+  return tuple(dcn)
+
+
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   devices = list(devices if devices is not None else jax.devices())
   sizes = axis_sizes(cfg, len(devices))
   axis_types = (AxisType.Auto,) * len(MESH_AXES)
   slices = len({getattr(d, "slice_index", 0) for d in devices})
-  if slices > 1:  # multislice: only the data axis crosses the slow data-center network
-    if sizes[0] % slices:
-      raise ValueError(f"{slices} slices: mesh.data={sizes[0]} must be a multiple of the slice count.")
-    ici, dcn = (sizes[0] // slices, *sizes[1:]), (slices,) + (1,) * (len(sizes) - 1)
+  if slices > 1:  # multislice: the dcn_* axes cross the slow data-center network
+    dcn = dcn_sizes(cfg, slices) + (1, 1)  # sequence and tensor stay inside a slice
+    for name, size, across in zip(MESH_AXES, sizes, dcn):
+      if size % across:
+        raise ValueError(f"{slices} slices: mesh.{name}={size} must be a multiple of mesh.dcn_{name}={across} "
+                         "(the slices that axis spans).")
+    ici = tuple(size // across for size, across in zip(sizes, dcn))
     mesh = jax.sharding.Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices), MESH_AXES, axis_types=axis_types)
   else:
     mesh = jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)

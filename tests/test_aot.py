@@ -40,6 +40,14 @@ def test_bad_topology_names(name):
     aot.parse_topology(name)
 
 
+def test_count_mosaic_kernels():
+  hlo = """
+  %custom-call.7 = bf16[2,128,128]{2,1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call", backend_config={}
+  %custom-call.8 = f32[8]{0} custom-call(%c), custom_call_target="Sharding"
+  """
+  assert aot.count_mosaic_kernels(hlo) == 1
+
+
 def test_count_collectives():
   hlo = """
   %all-gather-start.1 = (f32[4], f32[16]) all-gather-start(f32[4] %p), dimensions={0}
@@ -71,6 +79,9 @@ def test_compiles_a_tiny_model_for_v5e_8():
   r = report(result)
   assert r["chips"] == 8 and r["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 2}
   assert r["fits"] and r["hbm_gib"] == 16
+  # attention=auto is the splash kernel on TPU: the compiled step holds its Mosaic
+  # kernels (forward and backward, self- and cross-attention).
+  assert r["attention"] == "splash" and r["mosaic_kernels"] >= 2
   assert 0 < r["arguments_gib"] < r["total_gib"] < 1
   assert r["flops_per_step"] == pytest.approx(8 * r["flops_per_chip"])
   # Every layer counted (XLA's cost analysis alone counts a scanned layer once): at
@@ -90,10 +101,21 @@ def test_compiles_a_tiny_model_for_v5e_8():
 
 @needs_libtpu
 def test_compiles_over_two_slices():
-  result = run_aot("--topology", "v5e-4", "--slices", "2", *TINY, "mesh.data=2")
+  result = run_aot("--topology", "v5e-4", "--slices", "2", *TINY, "mesh.data=2", "model.attention=xla")
   assert result.returncode == 0, result.stderr[-3000:]
   r = report(result)
   assert r["chips"] == 8 and r["slices"] == 2 and r["mesh"]["data"] == 2 and r["mesh"]["fsdp"] == 4
+  assert r["attention"] == "xla" and r["mosaic_kernels"] == 0  # XLA's own attention: no kernel
+
+
+@needs_libtpu
+def test_fsdp_across_slices():
+  """mesh.dcn_fsdp=2: parameters sharded over both slices (fsdp spans the DCN)."""
+  result = run_aot("--topology", "v5e-4", "--slices", "2", *TINY, "mesh.data=1", "mesh.fsdp=8",
+                   "mesh.dcn_data=1", "mesh.dcn_fsdp=2", "model.attention=xla")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = report(result)
+  assert r["chips"] == 8 and r["mesh"]["fsdp"] == 8 and r["fits"]
 
 
 def test_slices_need_a_data_axis_to_split():

@@ -77,10 +77,14 @@ def test_step_cli_prints_json_with_mfu(tmp_path):
   out = tmp_path / "bench.jsonl"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "src.bench", "step", "--variant", "tiny", "--repeats", "2",
-                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                         "--packed", "--unrolled", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [r["case"] for r in records] == ["unpacked"]
+  assert [r.get("case", r["bench"]) for r in records] == [
+      "unpacked", "packed", "unrolled", "step_packed_vs_unpacked", "step_unrolled_vs_unpacked"]
+  assert [r["scan"] for r in records[:3]] == [True, True, False] and records[1]["examples"] == 24
+  assert all(r["time_ratio"] > 0 for r in records[3:])
   r = records[0]
   assert 0 < r["mfu"] <= 1 and r["repeats"] == 2 and r["tokens_per_s"] > 0
   assert r["flops_per_step"] == bench.train_flops(bench.bench_config("tiny", 8, (32, 32, 4), 2).model, [256] * 8)

@@ -101,7 +101,7 @@ def test_golden_sharding_on_a_2x2x2_mesh():
   assert values[("blocks", "fc1", "kernel")][...].sharding.spec == jax.P(None, "fsdp", "tensor")
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", ["none", "full", "dots", "dots_no_batch"])
 def test_scan_equals_unrolled_and_remat_keeps_gradients(remat):
   b = make_batch()
   t = jnp.array([[250.0], [750.0]])
@@ -317,3 +317,35 @@ def test_splash_kernel_equals_xla_attention(model, mesh_sizes):
     for a, b in zip(jax.tree.leaves(g_splash), jax.tree.leaves(g_xla)):
       assert np.all(np.isfinite(a))
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_cudnn_path_passes_the_packing_mask_as_bias(model, monkeypatch):
+  """attention=cudnn hands q/k/v and the packing bias to jax.nn.dot_product_attention
+  with implementation='cudnn'. No GPU here: the call is redirected to the same
+  function's XLA implementation, which must then equal our own attention (bf16)."""
+  examples = packed_examples(seed=8)
+  row = pack_rows(examples, 96, max_segments=4)
+  batch = as_jnp({k: np.concatenate([v, v]) for k, v in row.items()})
+  times = jnp.array([[100.0, 500.0, 900.0, 0.0]] * 2)
+  bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+  with pytest.raises(ValueError, match="model.dtype=bfloat16"):  # float32 compute: refused, not cast
+    nnx.merge(nnx.graphdef(DiT(dataclasses.replace(CFG, attention="cudnn"), rngs=nnx.Rngs(0))), model.params)(
+        batch["tokens"], times, batch)
+  calls, original = [], jax.nn.dot_product_attention
+
+  def as_xla(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+    calls.append((implementation, q.dtype, bias.shape, bias.dtype))
+    return original(q, k, v, bias, mask, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+  outs = {}
+  for impl in ("xla", "cudnn"):
+    graphdef = nnx.graphdef(DiT(dataclasses.replace(bf16, attention=impl), rngs=nnx.Rngs(0)))
+    outs[impl] = np.asarray(jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(model.params, batch["tokens"], times, batch))
+  b, length = batch["segment_ids"].shape
+  # Self- and cross-attention, in every layer's trace (the stacked layers trace once).
+  assert {c[0] for c in calls} == {"cudnn"} and {c[1] for c in calls} == {jnp.dtype(jnp.bfloat16)}
+  assert (b, 1, length, length) in {c[2] for c in calls}
+  real = np.asarray(batch["segment_ids"]) > 0
+  scale = np.abs(outs["xla"][real]).max()
+  np.testing.assert_allclose(outs["cudnn"][real], outs["xla"][real], atol=0.02 * scale + 1e-2)

@@ -48,3 +48,15 @@ def test_place_batch_assembles_global_rows():
   assert placed["tokens"].sharding.spec == P(("data", "fsdp"), None, None)
   assert len(placed["tokens"].addressable_shards) == 8
   np.testing.assert_array_equal(np.asarray(placed["tokens"]), local["tokens"])
+
+
+@pytest.mark.parametrize("data, fsdp, slices, expect", [
+    (-1, 1, 4, (4, 1)), (1, -1, 4, (1, 4)), (2, -1, 4, (2, 2)), (2, 2, 4, (2, 2)), (-1, 1, 1, (1, 1))])
+def test_dcn_sizes(data, fsdp, slices, expect):
+  assert M.dcn_sizes(MeshConfig(dcn_data=data, dcn_fsdp=fsdp), slices) == expect
+
+
+@pytest.mark.parametrize("data, fsdp, slices", [(2, 1, 4), (-1, -1, 4), (3, -1, 4), (0, 1, 2)])
+def test_dcn_sizes_that_do_not_cover_the_slices(data, fsdp, slices):
+  with pytest.raises(ValueError, match="mesh.dcn_data"):
+    M.dcn_sizes(MeshConfig(dcn_data=data, dcn_fsdp=fsdp), slices)

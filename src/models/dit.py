@@ -72,8 +72,14 @@ class Context:
 
   self_mask: Mask
   rope: Rope
+  segment_ids: jax.Array  # [B, L]
   cond: jax.Array | None = None  # [B, Lc, D]
   cross_mask: Mask | None = None
+
+  def to_tokens(self, per_example: jax.Array) -> jax.Array:
+    """[B, K, D] -> [B, L, D]. Modulation stays per example until each block uses it:
+    per token it would be a [B, L, 6, D] tensor whose gradient is summed over layers."""
+    return gather_to_tokens(per_example, self.segment_ids)
 
 
 class Attention(nnx.Module):
@@ -114,8 +120,8 @@ class Block(nnx.Module):
     self.eps = cfg.norm_eps
 
   def __call__(self, x: jax.Array, e: jax.Array, ctx: Context) -> jax.Array:
-    mod = (e + self.modulation[...]).astype(x.dtype)  # [B, L, 6, D]
-    shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(NUM_MODULATIONS))
+    mod = (e + self.modulation[...]).astype(x.dtype)  # [B, K, 6, D]: per example, tiny
+    shift1, scale1, gate1, shift2, scale2, gate2 = (ctx.to_tokens(mod[:, :, i]) for i in range(NUM_MODULATIONS))
     x = x + gate1 * self.attn(modulate(layer_norm(x, self.eps), shift1, scale1), ctx.self_mask, ctx.rope)
     if ctx.cond is not None:
       x = x + self.cross(self.cross_norm(x), ctx.cross_mask, context=ctx.cond)
@@ -159,10 +165,10 @@ class DiT(nnx.Module):
     replace that example's label and caption by the null ones (CFG training/sampling)."""
     seg = batch["segment_ids"]
     c = self.embed_condition(time, batch.get("labels"), drop)  # [B, K, D]
-    e = gather_to_tokens(self.time_proj(jax.nn.silu(c)), seg)  # [B, L, 6, D]
+    e = self.time_proj(jax.nn.silu(c))  # [B, K, 6, D]
     x = constrain(self.patch_embed(tokens), ("act_batch", "act_seq", "act_embed"))
     x = self.apply_blocks(x, e, self.context(batch, drop))
-    shift, scale = (gather_to_tokens(self.head_modulation[...] + c[:, :, None], seg)[:, :, i] for i in range(2))
+    shift, scale = (gather_to_tokens(self.head_modulation[...][i] + c, seg) for i in range(2))  # [B, L, D]
     x = modulate(layer_norm(x, self.cfg.norm_eps), shift.astype(x.dtype), scale.astype(x.dtype))
     return self.head(x).astype(jnp.float32)
 
@@ -176,7 +182,7 @@ class DiT(nnx.Module):
   def context(self, batch: dict, drop: jax.Array | None) -> Context:
     seg = batch["segment_ids"]
     rope = Rope(*rope_angles(batch["positions"], self.head_dim, self.cfg.rope_theta))
-    ctx = Context(self_mask=make_mask(seg, seg, self.cfg.attention), rope=rope)
+    ctx = Context(self_mask=make_mask(seg, seg, self.cfg.attention), rope=rope, segment_ids=seg)
     if not self.cfg.cond_dim:
       return ctx
     cond, cseg = batch["cond"], batch["cond_segment_ids"]
