@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # Install the project on every worker: copy this checkout (or clone a repository),
-# make a Python 3.11 virtualenv and `pip install -e '.[tpu]'` into it.
+# make a Python 3.11 virtualenv and `pip install -e '.[tpu,gcs]'` into it.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 USAGE="usage: launch/setup.sh --name NAME --zone ZONE [--slices N | --queued] [options]
@@ -23,7 +23,7 @@ need_tpu
 
 python_env="sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv git > /dev/null"
 python_env+=" && (test -d ~/$VENV || python3.11 -m venv ~/$VENV) && ~/$VENV/bin/pip install -q --upgrade pip"
-install="cd ~/$REMOTE_DIR && ~/$VENV/bin/pip install -q -e \".[tpu]\""
+install="cd ~/$REMOTE_DIR && ~/$VENV/bin/pip install -q -e \".[tpu,gcs]\""
 
 if [[ -n "$REPO_URL" ]]; then
   clone="rm -rf ~/$REMOTE_DIR && git clone --depth 1"

@@ -18,6 +18,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from src import storage
+
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +34,7 @@ def _abstract(tree):
 
 class Checkpointer:
   def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
-    self.directory = Path(workdir).absolute() / "checkpoints"
+    self.directory = storage.run_path(workdir) / "checkpoints"  # local or gs://
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from src import config as config_lib
-from src import media, samplers
+from src import media, samplers, storage
 from src import mesh as mesh_lib
 from src import optim
 from src.checkpoint import Checkpointer, CheckpointNotFoundError
@@ -115,14 +115,14 @@ def load_run(workdir: str | Path, use_ema: bool = True):
   """(cfg, graphdef, params) from the newest checkpoint of a run directory."""
   from src.train import init_state  # the trainer builds the state the checkpoint holds
 
-  if not (Path(workdir) / "checkpoints").is_dir():
+  if not (storage.run_path(workdir) / "checkpoints").is_dir():
     raise CheckpointNotFoundError(f"{workdir} is not a run directory: it has no checkpoints/ (train first)")
   ckpt = Checkpointer(workdir)
   try:
     step = ckpt.latest_step()
     if step is None:
       raise CheckpointNotFoundError(
-          f"no checkpoint in {Path(workdir) / 'checkpoints'}: train first (python -m src.train ...), "
+          f"no checkpoint in {storage.run_path(workdir) / 'checkpoints'}: train first (python -m src.train ...), "
           "or point --workdir at a run directory")
     cfg = config_lib.from_dict(ckpt.restore_config(step), f"config of {workdir} step {step}")
     cfg.mesh = config_lib.MeshConfig()  # sample on whatever devices this host has

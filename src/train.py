@@ -1,20 +1,21 @@
 """`python -m src.train --config configs/smoke.yaml [key.sub=value ...]`
 
 Trains the spacetime DiT on the device mesh of the config. The loop is `train(cfg)`,
-importable; `main()` only parses the command line. A run directory holds the
-resolved config, `metrics.jsonl`, TensorBoard events and Orbax checkpoints; running
-the same command again resumes from the newest checkpoint.
+importable; `main()` only parses the command line. A run directory (local, or gs://
+through etils.epath: src.storage) holds the resolved config, `metrics.jsonl`,
+TensorBoard events and Orbax checkpoints; running the same command again resumes
+from the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from jax.sharding import NamedSharding
 
 from src import config as config_lib
 from src import mesh as mesh_lib
-from src import media, optim, tasks
+from src import media, optim, storage, tasks
 from src.checkpoint import Checkpointer
 from src.config import Config
 from src.models.vae import latent_shape
@@ -111,9 +112,9 @@ EVAL_SEED = 1234  # fixed validation noise: the curve moves only with the model
 class MetricsWriter:
   """Console, `metrics.jsonl` and TensorBoard; only process 0 writes files."""
 
-  def __init__(self, workdir: Path, tensorboard: bool):
+  def __init__(self, workdir, tensorboard: bool, first_step: int = 0):
     self.primary = jax.process_index() == 0
-    self.jsonl = open(workdir / "metrics.jsonl", "a") if self.primary else None
+    self.jsonl = storage.JsonLines(workdir, first_step) if self.primary else None
     self.tb = None
     if tensorboard and self.primary:
       from tensorboardX import SummaryWriter
@@ -125,21 +126,21 @@ class MetricsWriter:
     if not self.primary:
       return
     record = metrics if prefix == "train" else {f"{prefix}/{k}": v for k, v in metrics.items()}
-    self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
-    self.jsonl.flush()
+    self.jsonl.write({"step": step, **record})
     if self.tb:
       for k, v in metrics.items():
         self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
-  def write_samples(self, step: int, workdir: Path, videos: list) -> None:
+  def write_samples(self, step: int, workdir, videos: list) -> None:
     if not self.primary:
       return
     out = workdir / "samples"
-    out.mkdir(exist_ok=True)
     image = media.grid(videos, scale=4)
-    media.write_png(out / f"step_{step:07d}.png", image)
-    for i, video in enumerate(videos):
-      media.write_video(out / f"step_{step:07d}-{i}.gif", video, scale=4)
+    with tempfile.TemporaryDirectory() as tmp:  # image writers want local files
+      media.write_png(Path(tmp) / f"step_{step:07d}.png", image)
+      for i, video in enumerate(videos):
+        media.write_video(Path(tmp) / f"step_{step:07d}-{i}.gif", video, scale=4)
+      storage.copy_tree(tmp, out)
     if self.tb:
       self.tb.add_image("samples", image, step, dataformats="HWC")
     log.info("samples: wrote %s", out / f"step_{step:07d}.png")
@@ -169,7 +170,7 @@ class Preemption:
 def train(cfg: Config) -> dict:
   """Train to `cfg.train.steps`, resuming from the newest checkpoint. Returns the last metrics."""
   mesh_lib.initialize_distributed(cfg.mesh)
-  workdir = Path(cfg.workdir)
+  workdir = storage.run_path(cfg.workdir)  # local, or gs://... (etils.epath)
   workdir.mkdir(parents=True, exist_ok=True)
   cfg_dict = config_lib.to_dict(cfg)
   if jax.process_index() == 0:
@@ -195,7 +196,7 @@ def train(cfg: Config) -> dict:
     state = ckpt.restore(state, data)
   start = int(state.step)
   step_fn = None
-  writer = MetricsWriter(workdir, cfg.train.tensorboard)
+  writer = MetricsWriter(workdir, cfg.train.tensorboard, start)
   evaluator = Evaluator(cfg, mesh, graphdef, frozen) if cfg.train.eval_every else None
   sampler = None
   if cfg.train.sample_every and cfg.task == "dit":

@@ -72,7 +72,7 @@ def test_setup_installs_on_every_worker():
   assert scp[3:5] == ["tpu-vm", "scp"] and "--worker=all" in scp
   assert ssh[3:5] == ["tpu-vm", "ssh"] and "--worker=all" in ssh
   assert "tar xzf" in remote(ssh) and "python3.11 -m venv" in remote(ssh)
-  assert 'pip install -q -e ".[tpu]"' in remote(ssh)
+  assert 'pip install -q -e ".[tpu,gcs]"' in remote(ssh)
 
 
 def test_setup_clones_a_repository_on_every_slice():
