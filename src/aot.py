@@ -200,10 +200,7 @@ def step_flops(cfg: Config, rules, batch: dict, compiled, chips: int) -> float:
 def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
   """Lower and compile the train step for the topology; the report as a dict."""
   devices = topology_devices(topo, slices)
-  # The kernel the run on that pod would pick (auto resolves by the compiling host's
-  # backend otherwise, and this host is a CPU).
-  attention = resolve_impl(cfg.model.attention, "tpu")
-  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention))
+  attention = resolve_impl(cfg.model.attention, "tpu")  # what lower_step's kernels are traced as
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   rules = mesh_lib.make_rules(cfg.mesh.rules)
   batch = abstract_batch(cfg)

@@ -7,7 +7,7 @@ rewrites one object per session, `metrics-<first step>.jsonl`, at most every
 `REMOTE_FLUSH_S` seconds and on close. `read_metrics` reads either layout back.
 
 gs:// needs a GCS backend for epath (`gcsfs`, or TensorFlow's gfile) and, for
-TensorBoard event files, `google-cloud-storage`: the `tpu` extra installs both.
+TensorBoard event files, `google-cloud-storage`: the `gcs` extra installs both.
 """
 
 from __future__ import annotations

@@ -346,6 +346,9 @@ def test_cudnn_path_passes_the_packing_mask_as_bias(model, monkeypatch):
   # Self- and cross-attention, in every layer's trace (the stacked layers trace once).
   assert {c[0] for c in calls} == {"cudnn"} and {c[1] for c in calls} == {jnp.dtype(jnp.bfloat16)}
   assert (b, 1, length, length) in {c[2] for c in calls}
+  # The mask bias survives the cast to half precision as a finite number (no -inf rows).
+  bias = attention.make_mask(batch["segment_ids"], batch["segment_ids"], "cudnn").bias
+  assert np.isfinite(np.asarray(bias.astype(jnp.float16))).all() and float(bias.min()) < -1e4
   real = np.asarray(batch["segment_ids"]) > 0
   scale = np.abs(outs["xla"][real]).max()
   np.testing.assert_allclose(outs["cudnn"][real], outs["xla"][real], atol=0.02 * scale + 1e-2)

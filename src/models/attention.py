@@ -22,13 +22,15 @@ from flax import struct
 
 # Masked logits: a large finite value (not -inf) so a fully masked row stays finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# cuDNN computes in bf16/fp16: its bias must stay finite in float16 too.
+CUDNN_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float16).max)
 
 
 @struct.dataclass
 class Mask:
   """Which keys each query may see: equal segment ids, for the kernel `impl`.
-  bias: [B, 1, Lq, Lk] float, 0 where allowed and MASK_VALUE elsewhere, added to the
-  logits (xla and cudnn); splash reads the segment ids and needs no bias."""
+  bias: [B, 1, Lq, Lk] float, 0 where allowed and MASK_VALUE (CUDNN_MASK_VALUE)
+  elsewhere, added to the logits by xla (cudnn); splash reads the segment ids."""
 
   q_segment_ids: jax.Array  # [B, Lq] int32
   kv_segment_ids: jax.Array  # [B, Lk] int32
@@ -78,7 +80,8 @@ def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, impl: str = "
   if impl == "splash":  # the kernel reads segment ids; no dense mask is ever built
     return Mask(q_segment_ids, kv_segment_ids, None, impl)
   same = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]  # [B, 1, Lq, Lk]
-  return Mask(q_segment_ids, kv_segment_ids, jnp.where(same, 0.0, MASK_VALUE).astype(jnp.float32), impl)
+  masked = CUDNN_MASK_VALUE if impl == "cudnn" else MASK_VALUE
+  return Mask(q_segment_ids, kv_segment_ids, jnp.where(same, 0.0, masked).astype(jnp.float32), impl)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
@@ -111,8 +114,7 @@ def cudnn_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Ar
   if q.dtype not in CUDNN_DTYPES:
     raise ValueError(f"model.attention=cudnn needs bfloat16 or float16 compute, got {q.dtype}: "
                      "set model.dtype=bfloat16, or use model.attention=xla.")
-  bias = jnp.where(mask.bias < 0, 0.7 * jnp.finfo(q.dtype).min, 0.0).astype(q.dtype)  # finite in fp16 too
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+  return jax.nn.dot_product_attention(q, k, v, bias=mask.bias.astype(q.dtype), implementation="cudnn")
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
