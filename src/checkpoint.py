@@ -29,7 +29,7 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 def _abstract(tree):
   """Shapes, dtypes and shardings of a live state: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)  # arrays or structs
 
 
 class Checkpointer:
@@ -62,6 +62,19 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     log.info("checkpoint: restored step %d from %s", step, self.directory)
     return restored["state"]
+
+  def restore_part(self, name: str, like: Any, step: int | None = None):
+    """One field of the saved state (e.g. `ema`) into the shapes/shardings of `like`
+    (arrays or ShapeDtypeStructs); nothing else of the state is read or allocated."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
+    target = {name: _abstract(like)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+    log.info("checkpoint: restored %s of step %d from %s", name, step, self.directory)
+    return restored["state"][name]
 
   def restore_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step

@@ -23,7 +23,6 @@ from flax import nnx
 from src import config as config_lib
 from src import media, samplers, storage
 from src import mesh as mesh_lib
-from src import optim
 from src.checkpoint import Checkpointer, CheckpointNotFoundError
 from src.config import Config
 from src.data.sources import caption_tokens
@@ -112,8 +111,9 @@ def generate(graphdef, params, cfg: Config, specs: list[Spec], *, steps: int, gu
 
 
 def load_run(workdir: str | Path, use_ema: bool = True):
-  """(cfg, graphdef, params) from the newest checkpoint of a run directory."""
-  from src.train import init_state  # the trainer builds the state the checkpoint holds
+  """(cfg, graphdef, params) from the newest checkpoint of a run directory. Only the
+  weights asked for (EMA or raw) are read: no optimizer state, no second copy."""
+  from src.train import abstract_model  # the trainer's model layout is what was saved
 
   if not (storage.run_path(workdir) / "checkpoints").is_dir():
     raise CheckpointNotFoundError(f"{workdir} is not a run directory: it has no checkpoints/ (train first)")
@@ -127,12 +127,12 @@ def load_run(workdir: str | Path, use_ema: bool = True):
     cfg = config_lib.from_dict(ckpt.restore_config(step), f"config of {workdir} step {step}")
     cfg.mesh = config_lib.MeshConfig()  # sample on whatever devices this host has
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    graphdef, like = init_state(cfg, mesh, mesh_lib.make_rules(), optim.make_optimizer(cfg.optim, cfg.train.steps))
-    state = ckpt.restore(like, step=step)
+    graphdef, like = abstract_model(cfg, mesh, mesh_lib.make_rules())
+    params = ckpt.restore_part("ema" if use_ema else "params", like, step=step)
   finally:
     ckpt.close()
   log.info("loaded step %d of %s (%s weights)", step, workdir, "EMA" if use_ema else "raw")
-  return cfg, graphdef, state.ema if use_ema else state.params
+  return cfg, graphdef, params
 
 
 def load_vae_for(cfg: Config):

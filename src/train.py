@@ -45,12 +45,20 @@ class TrainState:
   rng: jax.Array  # raw uint32 key; each step folds in its step number
 
 
+def abstract_model(cfg: Config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params as ShapeDtypeStructs carrying their shardings): the model's
+  layout without allocating it, e.g. the target of a checkpoint restore."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: tasks.build_model(cfg, nnx.Rngs(0))))
+    shardings = nnx.get_named_sharding(abs_params, mesh)
+  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
+
+
 def create_model(cfg: Config, mesh, rules):
   """Build the task's model with every parameter born sharded: (graphdef, params)."""
+  graphdef, abstract = abstract_model(cfg, mesh, rules)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(lambda: tasks.build_model(cfg, nnx.Rngs(0)))
-    graphdef, abs_params = nnx.split(abstract)
-    shardings = nnx.get_named_sharding(abs_params, mesh)
     init = jax.jit(lambda key: nnx.split(tasks.build_model(cfg, nnx.Rngs(key)))[1], out_shardings=shardings)
     return graphdef, init(jax.random.key(cfg.seed))
 

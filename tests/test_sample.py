@@ -26,6 +26,30 @@ def test_sampling_a_run_without_checkpoint_is_a_clear_error(tmp_path):
   assert not (tmp_path / "missing").exists()  # nothing created by a failed look-up
 
 
+def test_load_run_reads_only_the_weights_asked_for(tmp_path, monkeypatch):
+  from src import mesh as mesh_lib
+  from src import optim
+  from src.checkpoint import Checkpointer
+  from src.train import init_state
+
+  cfg = C.load(None, ["model.variant=tiny", "model.num_classes=5", "data.channels=4"])
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  _, state = init_state(cfg, mesh, mesh_lib.make_rules(), optim.make_optimizer(cfg.optim, cfg.train.steps))
+  state = state.replace(ema=jax.tree.map(lambda x: x + 1.0, state.params))  # EMA != raw weights
+  ckpt = Checkpointer(tmp_path)
+  ckpt.save(7, state, None, C.to_dict(cfg), force=True)
+  ckpt.close()
+
+  import src.train
+  monkeypatch.setattr(src.train, "init_state", None)  # sampling must not build a train state
+  for use_ema, want in ((True, state.ema), (False, state.params)):
+    _, graphdef, params = load_run(tmp_path, use_ema=use_ema)
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+  assert isinstance(nnx.merge(graphdef, params), DiT)
+
+
 def test_one_call_generates_several_sizes():
   cfg = C.load(None, ["model.variant=tiny", "model.num_classes=5", "model.cond_dim=8", "data.channels=4"])
   graphdef, params = nnx.split(DiT(cfg.model, rngs=nnx.Rngs(0)))
