@@ -21,7 +21,7 @@ from src.data import build as build_lib  # noqa: E402
 from src.data.pipeline import host_stream, make_iterator  # noqa: E402
 from src.data.sizes import fit_area  # noqa: E402
 from src.data.sources import clip_source, folder_source, make_source  # noqa: E402
-from src.data.video import ClipDecoder, ClipShape, pick_frames  # noqa: E402
+from src.data.video import ClipDecoder, ClipShape, pick_frames, to_unit_range  # noqa: E402
 from src.models.patch import unpack  # noqa: E402
 
 PATCH = (1, 2, 2)
@@ -180,6 +180,20 @@ def test_uint8_arrays_are_clips_and_bad_shapes_are_skipped():
   assert decoder(synthetic, rng) is synthetic
 
 
+def test_uint8_transport_decodes_to_the_same_clip(folder):
+  """Workers ship uint8 pixels; `to_unit_range` afterwards gives the float clip exactly."""
+  data_dir, _ = folder
+  floats, uint8s = (clip_source(_cfg(data_dir), 0, 2, uint8=u) for u in (False, True))
+  checked = 0
+  for i in range(len(floats)):
+    a, b = floats[i], uint8s[i]
+    if "video" in a:
+      assert a["video"].dtype == np.float32 and b["video"].dtype == np.uint8
+      np.testing.assert_array_equal(to_unit_range(b["video"]), a["video"])
+      checked += 1
+  assert checked == len(GOOD)
+
+
 # The builder.
 
 
@@ -239,6 +253,8 @@ def test_folder_batches_hold_every_good_file_and_count_the_bad(folder):
     for ex in unpack(next(it)):
       seen[ex["label"]] += 1
       assert tuple(ex["grid"])[0] in (1, 2, 4) and np.abs(ex["tokens"]).max() <= 1
+      assert ex["tokens"].dtype == np.float32  # pixels in [-1, 1], from uint8 k as k / 127.5 - 1
+      np.testing.assert_allclose(ex["tokens"], np.round((ex["tokens"] + 1) * 127.5) / 127.5 - 1, atol=1e-6)
     if it.get_state()["next_index"] >= records and {labels[n] for n in GOOD} <= set(seen):
       break
   assert set(seen) == {labels[n] for n in GOOD}  # every good file, no bad one
@@ -326,3 +342,28 @@ def test_train_three_steps_on_the_folder(folder, tmp_path):
   ]
   metrics = train(config_lib.load(None, overrides))
   assert np.isfinite(metrics["loss"])
+
+
+def test_clip_batches_from_uint8_and_float_sources(tmp_path):
+  """Fixed-shape clip batches (VAE training): a folder's rows cross as uint8 and arrive
+  as float32 in [-1, 1]; a batch mixing them with synthetic float clips is float too."""
+  from src.data.clips import _stack, make_clip_iterator
+
+  videos = {n: spec for n, spec in GOOD.items() if spec}  # fixed-shape clips: no 1-frame images
+  write_folder(tmp_path / "src", good=videos, bad={})
+  data_dir = tmp_path / "data"
+  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(data_dir))
+  fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[], batch_size=2)
+  for cfg in (_cfg(data_dir, **fixed),
+              _cfg("", source="mixture", mixture=[{"source": "synthetic"}, {"source": "folder", "data_dir": str(data_dir)}],
+                   **fixed)):
+    it = make_clip_iterator(cfg, cond_dim=0, seed=0, spatial_multiple=2)
+    for _ in range(3):
+      video = next(it)["video"]
+      assert video.shape == (2, 2, 8, 8, 3) and video.dtype == np.float32 and np.abs(video).max() <= 1
+  u8 = {"video": np.full((1, 2, 2, 3), 255, np.uint8), "labels": np.ones(1, np.int32)}
+  f32 = {"video": np.full((1, 2, 2, 3), -0.5, np.float32), "labels": np.zeros(1, np.int32)}
+  assert _stack([u8, u8])["video"].dtype == np.uint8
+  mixed = _stack([u8, f32])
+  assert mixed["video"].dtype == np.float32 and mixed["video"][0].min() == 1.0 and mixed["video"][1].max() == -0.5
+  assert mixed["labels"].tolist() == [[1], [0]]

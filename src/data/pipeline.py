@@ -5,7 +5,8 @@
            -> decode, sample frames, resize/crop, flip      [MapDataset, by index]
            -> patchify, token drop (+ caption embedding)
            -> to_iter_dataset -> mp_prefetch (num_workers > 0)
-           -> drop and count bad records; best-fit-decreasing
+           -> drop and count bad records; uint8 pixels to
+              float32 [-1, 1]; best-fit-decreasing
               packing of a buffered window into `rows` rows
               of L tokens                                   [main process]
 
@@ -37,7 +38,7 @@ from absl import flags
 
 from src.config import DataConfig
 from src.data.sources import caption_tokens, make_source, mixture_parts
-from src.data.video import DECODE_SEED_OFFSET, ClipDecoder
+from src.data.video import DECODE_SEED_OFFSET, ClipDecoder, to_unit_range
 from src.models.patch import pack_rows, patchify, plan_rows
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class ToTokens:
       kept = np.sort(rng.permutation(len(tokens))[:keep])
       tokens, positions = tokens[kept], positions[kept]
     example = {
-        "tokens": tokens.astype(np.float32),
+        "tokens": tokens if tokens.dtype == np.uint8 else tokens.astype(np.float32),  # uint8: see `_unit_range`
         "positions": positions,
         "grid": np.asarray(grid, np.int32),
         "label": np.int32(record["label"]),
@@ -77,6 +78,12 @@ class ToTokens:
     if self.cond_dim > 0:
       example["text"] = caption_tokens(record, self.text_len, self.cond_dim, self.text_encoder)
     return example
+
+
+def _unit_range(example: dict) -> dict:
+  """Decoded pixels cross from the workers as uint8 (4x fewer bytes than float32) and
+  become float32 in [-1, 1] here, in the main process."""
+  return {**example, "tokens": to_unit_range(example["tokens"])}
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -127,7 +134,7 @@ class _PackIterator(grain.DatasetIterator):
       example = next(self._parent)
       index, self._next_index = self._next_index, self._next_index + 1
       if "skip" not in example:
-        return index, example
+        return index, _unit_range(example)
       self._count_skip(index, example)
     raise RuntimeError(f"data: {MAX_CONSECUTIVE_SKIPS} records in a row were unusable "
                        f"(skipped so far: {dict(self._skipped)})")
@@ -151,7 +158,7 @@ class _PackIterator(grain.DatasetIterator):
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
     self._next_index = state["next_index"]
-    self._pending = [(idx, age, self._examples[idx]) for idx, age in state["pending"]]
+    self._pending = [(idx, age, _unit_range(self._examples[idx])) for idx, age in state["pending"]]
     self._skipped = collections.Counter(state.get("skipped", {}))  # absent in older checkpoints
 
 
@@ -262,7 +269,7 @@ def make_iterator(
   rows = data_cfg.batch_size // process_count
   seq_len, max_segments = row_shape(data_cfg, patch)
   multiple = max(patch[1:])
-  decoder = ClipDecoder.from_config(data_cfg, multiple, patch[0])
+  decoder = ClipDecoder.from_config(data_cfg, multiple, patch[0], uint8=True)
   ds = host_stream(data_cfg, seed, multiple, split, process_index, process_count, probe_with=decoder)
   decoded = ds.random_map(decoder, seed=seed + DECODE_SEED_OFFSET)
   examples = decoded.random_map(ToTokens(tuple(patch), data_cfg.text_len, cond_dim, data_cfg.token_drop, text_encoder), seed=seed)

@@ -1,4 +1,4 @@
-"""Real clips: encoded files or uint8 arrays -> float32 [T, H, W, 3] in [-1, 1].
+"""Real clips: encoded files or uint8 arrays -> float32 [T, H, W, 3] in [-1, 1] (or uint8).
 
 Runs inside grain's worker processes as a `random_map`: PyAV decodes videos (mp4,
 webm, gif, ...), Pillow decodes images (png, jpg: 1-frame clips). Frames are sampled
@@ -171,13 +171,22 @@ def _text(value) -> str:
   return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def to_unit_range(video: np.ndarray) -> np.ndarray:
+  """uint8 pixels -> float32 in [-1, 1]; float clips (already so) pass through."""
+  if video.dtype == np.uint8:
+    return video.astype(np.float32) / 127.5 - 1.0
+  return np.asarray(video, np.float32)
+
+
 @dataclass(frozen=True)
 class ClipDecoder:
   """grain `random_map`: raw record -> {'video', 'label', 'caption'} or a skip marker.
 
   Raw records hold the clip under `video_key` (empty: 'video' if present, else
   'image') as encoded bytes or a uint8 array ([T, H, W, C] or [H, W, C]); float clips
-  (the synthetic source) pass through unchanged.
+  (the synthetic source) pass through unchanged. With `uint8`, decoded pixels stay
+  uint8 (a quarter of the bytes to ship from worker processes) and the consumer maps
+  them with `to_unit_range`; otherwise the clip is float32 in [-1, 1].
   """
 
   shape: ClipShape
@@ -187,11 +196,12 @@ class ClipDecoder:
   require_caption: bool = True
   video_key: str = ""
   frame_multiple: int = 1  # temporal patch: an image becomes a still clip this long
+  uint8: bool = False
 
   @classmethod
-  def from_config(cls, d: DataConfig, multiple: int, frame_multiple: int = 1) -> "ClipDecoder":
+  def from_config(cls, d: DataConfig, multiple: int, frame_multiple: int = 1, uint8: bool = False) -> "ClipDecoder":
     return cls(ClipShape.from_config(d, multiple), d.fps, d.frame_stride, d.random_flip,
-               d.require_caption, d.video_key, frame_multiple)
+               d.require_caption, d.video_key, frame_multiple, uint8)
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     key = self.video_key or ("video" if "video" in record else "image")
@@ -212,7 +222,7 @@ class ClipDecoder:
       return {"skip": "undecodable", "name": name, "detail": f"{type(e).__name__}: {e}"}
     if self.flip and rng.random() < 0.5:
       frames = frames[:, :, ::-1]
-    video = frames.astype(np.float32) / 127.5 - 1.0  # [T, H, W, 3] in [-1, 1]
+    video = frames if self.uint8 else to_unit_range(frames)  # [T, H, W, 3]
     return {"video": video, "label": int(record.get("label", -1)), "caption": caption}
 
   def _frames(self, media, rng: np.random.Generator) -> np.ndarray:
