@@ -3,8 +3,10 @@
 Paths go through `etils.epath` (Orbax's own path type), so `gs://bucket/run` works
 wherever a local directory does. An object store has no append: a local run appends
 each metrics line to `metrics.jsonl`; a remote one keeps this session's lines and
-rewrites one object per session, `metrics-<first step>.jsonl`, at most every
-`REMOTE_FLUSH_S` seconds and on close. `read_metrics` reads either layout back.
+rewrites one object, `metrics-<first step>.jsonl`, at most every `REMOTE_FLUSH_S`
+seconds and on close; once that object reaches `REMOTE_PART_BYTES` it is sealed and
+the next line starts a new one named by its own step, so a long run never rewrites
+more than one part's bytes. `read_metrics` reads either layout back.
 
 gs:// needs a GCS backend for epath (`gcsfs`, or TensorFlow's gfile) and, for
 TensorBoard event files, `google-cloud-storage`: the `gcs` extra installs both.
@@ -18,6 +20,7 @@ import time
 from etils import epath
 
 REMOTE_FLUSH_S = 60.0  # a remote metrics object is rewritten at most this often
+REMOTE_PART_BYTES = 1 << 20  # ... and sealed at this size (~5k records of a dozen metrics)
 
 
 def is_remote(path: str | epath.Path) -> bool:
@@ -32,18 +35,23 @@ def run_path(path: str | epath.Path) -> epath.Path:
 
 class JsonLines:
   """Append-only JSON lines at `directory`: `metrics.jsonl` locally (appended and
-  flushed per line), `metrics-<first_step>.jsonl` per session remotely (rewritten)."""
+  flushed per line); remotely `metrics-<step>.jsonl` parts, the current one rewritten
+  (see the module docstring). Records carry a "step" (remote part names use it)."""
 
   def __init__(self, directory: epath.Path, first_step: int, name: str = "metrics"):
-    self.remote = is_remote(directory)
+    self.remote, self.directory, self.name = is_remote(directory), directory, name
     self.lines: list[str] = []
+    self.size = 0  # bytes in self.lines
     self.last_flush = 0.0
     if self.remote:
-      self.path = directory / f"{name}-{first_step:09d}.jsonl"
+      self.path = self._part(first_step)
       self.file = None
     else:
       self.path = directory / f"{name}.jsonl"
       self.file = open(self.path, "a")
+
+  def _part(self, step: int) -> epath.Path:
+    return self.directory / f"{self.name}-{step:09d}.jsonl"
 
   def write(self, record: dict) -> None:
     line = json.dumps(record) + "\n"
@@ -51,7 +59,11 @@ class JsonLines:
       self.file.write(line)
       self.file.flush()
       return
+    if self.lines and self.size + len(line) > REMOTE_PART_BYTES:  # seal this part, start the next
+      self.flush()
+      self.lines, self.size, self.path = [], 0, self._part(int(record["step"]))
     self.lines.append(line)
+    self.size += len(line)
     if time.monotonic() - self.last_flush >= REMOTE_FLUSH_S:
       self.flush()
 
@@ -75,8 +87,8 @@ def copy_tree(src: str, dst: epath.Path) -> None:
 
 
 def read_metrics(directory: str | epath.Path, name: str = "metrics") -> list[dict]:
-  """Every record of a run, oldest session first: the local file, then any remote
-  session objects in step order."""
+  """Every record of a run, oldest first: the local file, then any remote parts in
+  step order."""
   directory = epath.Path(directory)
   files = [directory / f"{name}.jsonl"] + sorted(directory.glob(f"{name}-*.jsonl"))
   records: list[dict] = []

@@ -2,6 +2,8 @@
 as one metrics stream. GCS is simulated by etils.epath's mock backend, which maps
 gs://bucket onto a local directory and records how every file is opened."""
 
+import json
+
 import pytest
 from etils import epath
 from etils.epath import testing as epath_testing
@@ -71,6 +73,24 @@ def test_remote_metrics_are_buffered_between_flushes(fake_gcs, tmp_path, monkeyp
   assert [r["step"] for r in storage.read_metrics(run)] == [1]  # the first line flushes, then an hour's wait
   lines.close()  # nothing is lost at the end of a session
   assert [r["step"] for r in storage.read_metrics(run)] == [1, 2, 3]
+
+
+def test_remote_metrics_roll_over_to_a_new_part_when_one_is_full(fake_gcs, tmp_path, monkeypatch):
+  run = storage.run_path("gs://bucket/run")
+  run.mkdir(parents=True, exist_ok=True)
+  monkeypatch.setattr(storage, "REMOTE_FLUSH_S", 0.0)
+  line = len(json.dumps({"step": 10, "loss": 0.5}) + "\n")
+  monkeypatch.setattr(storage, "REMOTE_PART_BYTES", 3 * line)  # three records a part
+  lines = storage.JsonLines(run, 10)
+  for s in range(10, 18):
+    lines.write({"step": s, "loss": 0.5})
+  lines.close()
+  parts = sorted(p.name for p in (tmp_path / "run").iterdir())
+  assert parts == ["metrics-000000010.jsonl", "metrics-000000013.jsonl", "metrics-000000016.jsonl"]
+  assert [len((tmp_path / "run" / p).read_text().splitlines()) for p in parts] == [3, 3, 2]
+  assert [r["step"] for r in storage.read_metrics(run)] == list(range(10, 18))
+  # A part only grows until sealed, so its final size bounds every rewrite of it.
+  assert max((tmp_path / "run" / p).stat().st_size for p in parts) <= 3 * line
 
 
 def test_copy_tree_to_remote(fake_gcs, tmp_path):
