@@ -344,21 +344,23 @@ def test_train_three_steps_on_the_folder(folder, tmp_path):
   assert np.isfinite(metrics["loss"])
 
 
-def test_clip_batches_from_uint8_and_float_sources(tmp_path):
+def test_clip_batches_from_uint8_and_float_sources(folder):
   """Fixed-shape clip batches (VAE training): a folder's rows cross as uint8 and arrive
-  as float32 in [-1, 1]; a batch mixing them with synthetic float clips is float too."""
+  as float32 in [-1, 1], images as still clips; a batch mixing them with synthetic
+  float clips is float too."""
   from src.data.clips import _stack, make_clip_iterator
 
-  videos = {n: spec for n, spec in GOOD.items() if spec}  # fixed-shape clips: no 1-frame images
-  write_folder(tmp_path / "src", good=videos, bad={})
-  data_dir = tmp_path / "data"
-  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(data_dir))
+  data_dir, _ = folder
+  still = clip_source(_cfg(data_dir, area=0, frames=3, height=8, width=8), 0, 2, frame_multiple=3)
+  records = folder_source(str(data_dir), "train")
+  images = [still[i]["video"] for i in range(len(still))
+            if bytes(records[i]["filename"]).decode() in ("photo.png", "photo.jpg", "alpha.png")]
+  assert len(images) == 3 and all(v.shape == (3, 8, 8, 3) and (v == v[:1]).all() for v in images)
   fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[], batch_size=2)
-  for cfg in (_cfg(data_dir, **fixed),
-              _cfg("", source="mixture", mixture=[{"source": "synthetic"}, {"source": "folder", "data_dir": str(data_dir)}],
-                   **fixed)):
+  mixture = [{"source": "synthetic"}, {"source": "folder", "data_dir": str(data_dir)}]
+  for cfg in (_cfg(data_dir, **fixed), _cfg("", source="mixture", mixture=mixture, **fixed)):
     it = make_clip_iterator(cfg, cond_dim=0, seed=0, spatial_multiple=2)
-    for _ in range(3):
+    for _ in range(6):  # 12 clips: past the folder's 9 good files (3 images), so its whole first epoch
       video = next(it)["video"]
       assert video.shape == (2, 2, 8, 8, 3) and video.dtype == np.float32 and np.abs(video).max() <= 1
   u8 = {"video": np.full((1, 2, 2, 3), 255, np.uint8), "labels": np.ones(1, np.int32)}

@@ -66,7 +66,8 @@ def make_clip_iterator(data_cfg: DataConfig, cond_dim: int, seed: int, process_i
     raise ValueError("pixel batches (task vae, or the DiT encoding in the step) need fixed-shape clips: "
                      "data.area=0. For mixed shapes write a latent cache with python -m src.encode and "
                      "train with data.source=latents.")
-  ds = clip_source(data_cfg, seed, spatial_multiple, split, uint8=True)  # decoded clips or skip markers
+  # Decoded clips or skip markers; an image is a still clip of the batches' length.
+  ds = clip_source(data_cfg, seed, spatial_multiple, split, frame_multiple=data_cfg.frames, uint8=True)
   ds = ds[process_index::process_count].shuffle(seed).repeat()
   it = ds.to_iter_dataset().filter(lambda rec: "skip" not in rec)  # bad records: skipped, never fatal
   it = it.map(ToClip(data_cfg.text_len, cond_dim, (data_cfg.frames, data_cfg.height, data_cfg.width), text_encoder))
