@@ -28,7 +28,6 @@ import sys
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
-import numpy as np
 from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -39,7 +38,7 @@ from src import optim, tasks
 from src.config import Config, pixels_to_vae
 from src.models.attention import compiling_for, resolve_impl
 from src.models.vae import VideoVAE
-from src.train import TrainState, compile_step
+from src.train import abstract_state, compile_step
 
 GIB = 2**30
 # HBM per chip, by generation (Cloud TPU system architecture pages).
@@ -115,19 +114,6 @@ def topology_devices(topo: Topology, slices: int = 1) -> list:
 
 def _with_sharding(abstract, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
-def abstract_state(cfg: Config, mesh: Mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainState]:
-  """`train.init_state` as shapes and shardings only."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: tasks.build_model(cfg, nnx.Rngs(0))))
-    params = _with_sharding(abs_params, nnx.get_named_sharding(abs_params, mesh))
-  opt_state = _with_sharding(jax.eval_shape(optimizer.init, params), optim.state_shardings(optimizer, params, mesh))
-  replicated = NamedSharding(mesh, P())
-  scalar = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-  state = TrainState(step=scalar((), np.int32), params=params, opt_state=opt_state, ema=params,
-                     rng=scalar((2,), np.uint32))
-  return graphdef, state
 
 
 def abstract_frozen(cfg: Config, mesh: Mesh) -> tasks.Frozen | None:

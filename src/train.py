@@ -73,6 +73,19 @@ def init_state(cfg: Config, mesh, rules, optimizer) -> tuple[nnx.GraphDef, Train
   return graphdef, state
 
 
+def abstract_state(cfg: Config, mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainState]:
+  """`init_state` as shapes and shardings only: what a resume restores into (nothing
+  is initialised first) and what an AOT compile traces with."""
+  graphdef, params = abstract_model(cfg, mesh, rules)
+  opt_shapes = jax.eval_shape(optimizer.init, params)
+  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
+                           optim.state_shardings(optimizer, params, mesh))
+  replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                              opt_state=opt_state, ema=params,
+                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+
+
 def train_step(state: TrainState, batch: dict, frozen=None, *, graphdef, cfg: Config, optimizer, schedule):
   rng = jax.random.fold_in(state.rng, state.step)
   loss, grads = jax.value_and_grad(tasks.loss_fn)(state.params, graphdef, cfg, batch, rng, None, frozen)
@@ -191,17 +204,19 @@ def train(cfg: Config) -> dict:
                      "of the mesh's data and fsdp axes: make it a multiple, or change mesh sizes.")
   rules = mesh_lib.make_rules(cfg.mesh.rules)
   optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, state = init_state(cfg, mesh, rules, optimizer)
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  log.info("model: %.2fM parameters", n_params / 1e6)
   data = tasks.make_batches(cfg, "train", jax.process_index(), jax.process_count())
   frozen = tasks.load_frozen(cfg)
   if frozen is not None:
     frozen = jax.device_put(frozen, NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
   ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state, data)
+  if ckpt.latest_step() is not None:  # resume: restore into shapes, never initialise a state to overwrite
+    graphdef, like = abstract_state(cfg, mesh, rules, optimizer)
+    state = ckpt.restore(like, data)
+  else:
+    graphdef, state = init_state(cfg, mesh, rules, optimizer)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  log.info("model: %.2fM parameters", n_params / 1e6)
   start = int(state.step)
   step_fn = None
   writer = MetricsWriter(workdir, cfg.train.tensorboard, start)

@@ -40,8 +40,7 @@ def test_load_run_reads_only_the_weights_asked_for(tmp_path, monkeypatch):
   ckpt.save(7, state, None, C.to_dict(cfg), force=True)
   ckpt.close()
 
-  import src.train
-  monkeypatch.setattr(src.train, "init_state", None)  # sampling must not build a train state
+  monkeypatch.setattr("src.train.init_state", None)  # sampling must not build a train state
   for use_ema, want in ((True, state.ema), (False, state.params)):
     _, graphdef, params = load_run(tmp_path, use_ema=use_ema)
     assert jax.tree.structure(params) == jax.tree.structure(want)
