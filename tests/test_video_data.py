@@ -183,10 +183,11 @@ def test_uint8_arrays_are_clips_and_bad_shapes_are_skipped():
 def test_uint8_transport_decodes_to_the_same_clip(folder):
   """Workers ship uint8 pixels; `to_unit_range` afterwards gives the float clip exactly."""
   data_dir, _ = folder
-  floats, uint8s = (clip_source(_cfg(data_dir), 0, 2, uint8=u) for u in (False, True))
+  records = folder_source(str(data_dir), "train")
+  floats, uint8s = (ClipDecoder.from_config(_cfg(data_dir), 2, uint8=u) for u in (False, True))
   checked = 0
-  for i in range(len(floats)):
-    a, b = floats[i], uint8s[i]
+  for i in range(len(records)):
+    a, b = (decode(records[i], np.random.default_rng(i)) for decode in (floats, uint8s))
     if "video" in a:
       assert a["video"].dtype == np.float32 and b["video"].dtype == np.uint8
       np.testing.assert_array_equal(to_unit_range(b["video"]), a["video"])
@@ -346,26 +347,60 @@ def test_train_three_steps_on_the_folder(folder, tmp_path):
 
 def test_clip_batches_from_uint8_and_float_sources(folder):
   """Fixed-shape clip batches (VAE training): a folder's rows cross as uint8 and arrive
-  as float32 in [-1, 1], images as still clips; a batch mixing them with synthetic
-  float clips is float too."""
+  as float32 in [-1, 1], images as still clips, bad files counted; a batch mixing
+  them with synthetic float clips is float too; resume is exact."""
   from src.data.clips import _stack, make_clip_iterator
 
-  data_dir, _ = folder
+  data_dir, labels = folder
   still = clip_source(_cfg(data_dir, area=0, frames=3, height=8, width=8), 0, 2, frame_multiple=3)
   records = folder_source(str(data_dir), "train")
   images = [still[i]["video"] for i in range(len(still))
             if bytes(records[i]["filename"]).decode() in ("photo.png", "photo.jpg", "alpha.png")]
   assert len(images) == 3 and all(v.shape == (3, 8, 8, 3) and (v == v[:1]).all() for v in images)
-  fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[], batch_size=2)
+
+  fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[], batch_size=2, text_len=4)
+  it = make_clip_iterator(_cfg(data_dir, **fixed), cond_dim=3, seed=0, spatial_multiple=2)
+  seen = collections.Counter()
+  for _ in range(5):  # 10 clips: past the folder's 9 good files (3 images), its whole first epoch
+    batch = next(it)
+    assert batch["video"].shape == (2, 2, 8, 8, 3) and batch["video"].dtype == np.float32
+    assert np.abs(batch["video"]).max() <= 1 and batch["cond"].shape == (2, 4, 3)
+    seen.update(batch["labels"][:, 0].tolist())
+  assert set(seen) == {labels[n] for n in GOOD}
+  # Counted exactly: the bad files among the stream positions consumed.
+  consumed = _names(host_stream(_cfg(data_dir, **fixed), seed=0, spatial_multiple=2), it.get_state()["next_index"])
+  counts = it.skip_counts()
+  assert counts == dict(collections.Counter(BAD[n] for n in consumed if n in BAD))
+  assert set(counts) == set(BAD.values())
+
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  fresh = make_clip_iterator(_cfg(data_dir, **fixed), cond_dim=3, seed=0, spatial_multiple=2)
+  fresh.set_state(state)
+  assert fresh.skip_counts() == counts
+  for a, b in zip(expected, [next(fresh) for _ in range(3)], strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
   mixture = [{"source": "synthetic"}, {"source": "folder", "data_dir": str(data_dir)}]
-  for cfg in (_cfg(data_dir, **fixed), _cfg("", source="mixture", mixture=mixture, **fixed)):
-    it = make_clip_iterator(cfg, cond_dim=0, seed=0, spatial_multiple=2)
-    for _ in range(6):  # 12 clips: past the folder's 9 good files (3 images), so its whole first epoch
-      video = next(it)["video"]
-      assert video.shape == (2, 2, 8, 8, 3) and video.dtype == np.float32 and np.abs(video).max() <= 1
+  it = make_clip_iterator(_cfg("", source="mixture", mixture=mixture, **fixed), cond_dim=0, seed=0, spatial_multiple=2)
+  for _ in range(6):
+    video = next(it)["video"]
+    assert video.shape == (2, 2, 8, 8, 3) and video.dtype == np.float32 and np.abs(video).max() <= 1
   u8 = {"video": np.full((1, 2, 2, 3), 255, np.uint8), "labels": np.ones(1, np.int32)}
   f32 = {"video": np.full((1, 2, 2, 3), -0.5, np.float32), "labels": np.zeros(1, np.int32)}
-  assert _stack([u8, u8])["video"].dtype == np.uint8
+  assert _stack([u8, u8])["video"].dtype == np.float32 and _stack([u8, u8])["video"].min() == 1.0
   mixed = _stack([u8, f32])
   assert mixed["video"].dtype == np.float32 and mixed["video"][0].min() == 1.0 and mixed["video"][1].max() == -0.5
   assert mixed["labels"].tolist() == [[1], [0]]
+
+
+def test_clip_batches_fail_at_start_up_when_nothing_is_usable(tmp_path):
+  bad = {n: BAD[n] for n in ("noise.webm", "grey.png", "empty.mp4")}
+  write_folder(tmp_path / "src", good={}, bad=bad)
+  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"))
+  from src.data.clips import make_clip_iterator
+
+  fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[])
+  with pytest.raises(ValueError, match=r"none of the first 8 records is usable"):
+    make_clip_iterator(_cfg(tmp_path / "out", **fixed), cond_dim=0, seed=0, spatial_multiple=2)

@@ -80,6 +80,35 @@ class ToTokens:
     return example
 
 
+class SkipCounter:
+  """The records of a stream that arrive as skip markers (`video.SKIP_REASONS`): counted
+  by reason, the first few of each reason and then every n-th logged. `position` is the
+  stream index of the next record; both are part of an iterator's saved state."""
+
+  def __init__(self, position: int = 0, counts: dict | None = None):
+    self.position = position
+    self.counts = collections.Counter(counts or {})  # reason -> records
+
+  def next_usable(self, records) -> tuple[int, dict]:
+    """(stream index, record) of the next usable record of iterator `records`."""
+    for _ in range(MAX_CONSECUTIVE_SKIPS):
+      record = next(records)
+      index, self.position = self.position, self.position + 1
+      if "skip" not in record:
+        return index, record
+      self._count(index, record)
+    raise RuntimeError(f"data: {MAX_CONSECUTIVE_SKIPS} records in a row were unusable "
+                       f"(skipped so far: {dict(self.counts)})")
+
+  def _count(self, index: int, marker: dict) -> None:
+    reason = marker["skip"]
+    self.counts[reason] += 1
+    n = self.counts[reason]
+    if n <= WARN_FIRST or n % WARN_EVERY == 0:
+      log.warning("data: skipped record %d %s (%s%s); %d skipped for %s so far", index, marker["name"], reason,
+                  f": {marker['detail']}" if marker["detail"] else "", n, reason)
+
+
 def _unit_range(example: dict) -> dict:
   """Decoded pixels cross from the workers as uint8 (4x fewer bytes than float32) and
   become float32 in [-1, 1] here, in the main process."""
@@ -104,10 +133,9 @@ class _PackIterator(grain.DatasetIterator):
     self._examples = examples
     self._rows, self._seq_len, self._max_segments = rows, seq_len, max_segments
     self._buffer_tokens, self._max_wait = buffer_tokens, max_wait
-    self._next_index = 0
     self._pending: list[tuple[int, int, dict]] = []  # (stream index, batches waited, example)
-    self._skipped: collections.Counter = collections.Counter()  # reason -> records
-    self._meter = _Throughput(log_every)
+    self._skips = SkipCounter()
+    self._meter = Throughput(log_every)
 
   def __next__(self) -> dict:
     start = time.perf_counter()
@@ -125,44 +153,29 @@ class _PackIterator(grain.DatasetIterator):
                       num_rows=self._rows, rows=[r for r, _, _ in placed])  # by row, then stream order
     taken = {j for _, _, j in placed}
     self._pending = [(idx, age + 1, ex) for j, (idx, age, ex) in enumerate(self._pending) if j not in taken]
-    self._meter.add(len(placed), time.perf_counter() - start, self._skipped)
+    self._meter.add(len(placed), time.perf_counter() - start, self._skips.counts)
     return batch
 
   def _next_example(self) -> tuple[int, dict]:
     """(stream index, example) of the next usable record; bad ones are counted."""
-    for _ in range(MAX_CONSECUTIVE_SKIPS):
-      example = next(self._parent)
-      index, self._next_index = self._next_index, self._next_index + 1
-      if "skip" not in example:
-        return index, _unit_range(example)
-      self._count_skip(index, example)
-    raise RuntimeError(f"data: {MAX_CONSECUTIVE_SKIPS} records in a row were unusable "
-                       f"(skipped so far: {dict(self._skipped)})")
-
-  def _count_skip(self, index: int, marker: dict) -> None:
-    reason = marker["skip"]
-    self._skipped[reason] += 1
-    n = self._skipped[reason]
-    if n <= WARN_FIRST or n % WARN_EVERY == 0:
-      log.warning("data: skipped record %d %s (%s%s); %d skipped for %s so far", index, marker["name"], reason,
-                  f": {marker['detail']}" if marker["detail"] else "", n, reason)
+    index, example = self._skips.next_usable(self._parent)
+    return index, _unit_range(example)
 
   def skip_counts(self) -> dict[str, int]:
     """Records skipped so far (over the whole run, resumes included), by reason."""
-    return dict(self._skipped)
+    return dict(self._skips.counts)
 
   def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "next_index": self._next_index,
-            "pending": [[idx, age] for idx, age, _ in self._pending], "skipped": dict(self._skipped)}
+    return {"parent": self._parent.get_state(), "next_index": self._skips.position,
+            "pending": [[idx, age] for idx, age, _ in self._pending], "skipped": dict(self._skips.counts)}
 
   def set_state(self, state: dict) -> None:
     self._parent.set_state(state["parent"])
-    self._next_index = state["next_index"]
     self._pending = [(idx, age, _unit_range(self._examples[idx])) for idx, age in state["pending"]]
-    self._skipped = collections.Counter(state.get("skipped", {}))  # absent in older checkpoints
+    self._skips = SkipCounter(state["next_index"], state.get("skipped", {}))  # absent in older checkpoints
 
 
-class _Throughput:
+class Throughput:
   """Logs clips/s every `every` batches, and the share of that time the consumer
   spent waiting inside `next()` (near 0: the pipeline keeps up)."""
 

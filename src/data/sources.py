@@ -211,15 +211,14 @@ def make_source(data_cfg: DataConfig, seed: int, spatial_multiple: int = 1, spli
 
 
 def clip_source(data_cfg: DataConfig, seed: int, spatial_multiple: int = 1, split: str = "train",
-                frame_multiple: int = 1, uint8: bool = False):
+                frame_multiple: int = 1):
   """`make_source`'s records as clips, by index: {'video' float [T, H, W, C], 'label',
-  'caption'}, or for a bad record a marker {'skip': reason, 'name', 'detail'}. With
-  `uint8`, decoded files stay uint8 pixels (see `video.ClipDecoder`).
+  'caption'}, or for a bad record a marker {'skip': reason, 'name', 'detail'}.
 
-  For readers of single clips (a latent cache writer, fixed-shape clip batches, sample
-  specs); the training pipeline decodes after shuffling instead, so that random
+  For readers of single clips (a latent cache writer, sample specs); the training
+  pipelines (packed and fixed-shape) decode after shuffling instead, so that random
   crops and flips differ from epoch to epoch."""
-  decoder = ClipDecoder.from_config(data_cfg, spatial_multiple, frame_multiple, uint8)
+  decoder = ClipDecoder.from_config(data_cfg, spatial_multiple, frame_multiple)
   records = grain.MapDataset.source(make_source(data_cfg, seed, spatial_multiple, split))
   return records.random_map(decoder, seed=seed + DECODE_SEED_OFFSET)
 
