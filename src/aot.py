@@ -38,7 +38,7 @@ from src import optim, tasks
 from src.config import Config, pixels_to_vae
 from src.models.attention import compiling_for, resolve_impl
 from src.models.vae import VideoVAE
-from src.train import abstract_state, compile_step
+from src.train import abstract_state, compile_step, with_shardings
 
 GIB = 2**30
 # HBM per chip, by generation (Cloud TPU system architecture pages).
@@ -112,16 +112,12 @@ def topology_devices(topo: Topology, slices: int = 1) -> list:
   return topologies.get_topology_desc(topo.name, "tpu", **kwargs).devices
 
 
-def _with_sharding(abstract, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-
-
 def abstract_frozen(cfg: Config, mesh: Mesh) -> tasks.Frozen | None:
   """`tasks.load_frozen` as shapes: the replicated VAE that encodes pixels in the step."""
   if cfg.task != "dit" or not pixels_to_vae(cfg):
     return None
   graphdef, params = nnx.split(nnx.eval_shape(lambda: VideoVAE(cfg.vae, rngs=nnx.Rngs(0))))
-  return tasks.Frozen(graphdef, _with_sharding(params, jax.tree.map(lambda _: NamedSharding(mesh, P()), params)))
+  return tasks.Frozen(graphdef, with_shardings(params, jax.tree.map(lambda _: NamedSharding(mesh, P()), params)))
 
 
 def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:

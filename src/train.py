@@ -45,13 +45,19 @@ class TrainState:
   rng: jax.Array  # raw uint32 key; each step folds in its step number
 
 
+def with_shardings(shapes, shardings):
+  """ShapeDtypeStructs of `shapes` (arrays or structs) carrying `shardings`: a state
+  that exists only as layout, for restores and AOT compiles."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
 def abstract_model(cfg: Config, mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, params as ShapeDtypeStructs carrying their shardings): the model's
   layout without allocating it, e.g. the target of a checkpoint restore."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: tasks.build_model(cfg, nnx.Rngs(0))))
     shardings = nnx.get_named_sharding(abs_params, mesh)
-  return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
+  return graphdef, with_shardings(abs_params, shardings)
 
 
 def create_model(cfg: Config, mesh, rules):
@@ -77,9 +83,7 @@ def abstract_state(cfg: Config, mesh, rules, optimizer) -> tuple[nnx.GraphDef, T
   """`init_state` as shapes and shardings only: what a resume restores into (nothing
   is initialised first) and what an AOT compile traces with."""
   graphdef, params = abstract_model(cfg, mesh, rules)
-  opt_shapes = jax.eval_shape(optimizer.init, params)
-  opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_shapes,
-                           optim.state_shardings(optimizer, params, mesh))
+  opt_state = with_shardings(jax.eval_shape(optimizer.init, params), optim.state_shardings(optimizer, params, mesh))
   replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
   return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
                               opt_state=opt_state, ema=params,

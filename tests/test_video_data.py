@@ -376,6 +376,8 @@ def test_clip_batches_from_uint8_and_float_sources(folder):
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
   fresh = make_clip_iterator(_cfg(data_dir, **fixed), cond_dim=3, seed=0, spatial_multiple=2)
+  with pytest.raises(ValueError, match="older clip pipeline"):
+    fresh.set_state({"parent": state["parent"]})
   fresh.set_state(state)
   assert fresh.skip_counts() == counts
   for a, b in zip(expected, [next(fresh) for _ in range(3)], strict=True):

@@ -82,6 +82,10 @@ class _ClipBatches(grain.DatasetIterator):
             "skipped": dict(self._skips.counts)}
 
   def set_state(self, state: dict) -> None:
+    if "next_index" not in state:
+      raise ValueError("this checkpoint's data position was saved by an older clip pipeline (grain's own "
+                       "batch state), which cannot be resumed exactly; start a new workdir, or load its "
+                       "weights with src.sample.load_run")
     self._parent.set_state(state["parent"])
     self._skips = SkipCounter(state["next_index"], state["skipped"])
 
