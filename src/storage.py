@@ -15,6 +15,7 @@ TensorBoard event files, `google-cloud-storage`: the `gcs` extra installs both.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from etils import epath
@@ -42,7 +43,7 @@ class JsonLines:
     self.remote, self.directory, self.name = is_remote(directory), directory, name
     self.lines: list[str] = []
     self.size = 0  # bytes in self.lines
-    self.last_flush = 0.0
+    self.last_flush = -math.inf  # the first record flushes at once, whatever the clock's origin (boot)
     if self.remote:
       self.path = self._part(first_step)
       self.file = None

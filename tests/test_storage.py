@@ -63,10 +63,12 @@ def test_remote_metrics_never_append_and_read_back_in_order(fake_gcs, tmp_path, 
   assert writes and "a" not in "".join(writes)  # object stores cannot append
 
 
-def test_remote_metrics_are_buffered_between_flushes(fake_gcs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("uptime_s", [5.0, 10 * 86400.0])  # a machine booted seconds or days ago
+def test_remote_metrics_are_buffered_between_flushes(fake_gcs, tmp_path, monkeypatch, uptime_s):
   run = storage.run_path("gs://bucket/run")
   run.mkdir(parents=True, exist_ok=True)
   monkeypatch.setattr(storage, "REMOTE_FLUSH_S", 3600.0)
+  monkeypatch.setattr(storage.time, "monotonic", lambda: uptime_s)  # the clock counts from boot
   lines = storage.JsonLines(run, 0)
   for s in range(1, 4):
     lines.write({"step": s})
