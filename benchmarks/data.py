@@ -102,7 +102,7 @@ def pipeline(data_dir: Path, workers: int, batches: int) -> dict:
   next(it)  # worker start-up, imports, first reads
   start, clips = time.perf_counter(), 0
   for _ in range(batches):
-    clips += int((next(it)["grid"][..., 0] > 0).sum())
+    clips += int((next(it).packing.grid[..., 0] > 0).sum())
   elapsed = time.perf_counter() - start
   it.close()
   return {"bench": "pipeline", "num_workers": workers, "batches": batches, "clips": clips,

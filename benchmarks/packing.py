@@ -2,7 +2,7 @@
 
     python -m benchmarks.packing [--examples 20000] [--seq-len 8448 9216 ...] [--out FILE]
 
-The stream (issue: "Variable resolution ... packing"): a 256px-class area budget
+The stream: a 256px-class area budget
 (256x256 pixels -> 32x32 latents with an 8x VAE, 2x2 patches), aspect ratios from 9:16
 to 16:9, clips of 1 to 33 latent frames, plus 20% images. Sizes are drawn with the
 project's own `SizeSampler` and packed with the trainer's own `plan_rows` (the
@@ -45,7 +45,7 @@ def stream(n: int, seed: int) -> list[tuple[int, int, int]]:
 
 
 def packed_padding(sizes: list[int], seq_len: int, rows: int, max_segments: int, buffer: float, max_wait: int) -> dict:
-  """The grain packer's loop (`_PackIterator.__next__`) on sizes alone."""
+  """The grain packer's loop (`_PackIterator._next_batch`) on sizes alone."""
   pending: list[tuple[int, int]] = []  # (size, batches waited)
   it = iter(sizes)
   real = total = steps = 0

@@ -30,15 +30,15 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 from flax import nnx
 from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from src import config as config_lib
 from src import mesh as mesh_lib
-from src import optim, tasks
-from src.config import Config, pixels_to_vae
+from src import optim
+from src.config import Config
 from src.models.attention import compiling_for, resolve_impl
-from src.models.vae import VideoVAE
-from src.train import abstract_state, compile_step, with_shardings
+from src.state import abstract_state, jit_step, place_frozen
+from src.tasks import make_task
 
 GIB = 2**30
 # HBM per chip, by generation (Cloud TPU system architecture pages).
@@ -112,19 +112,10 @@ def topology_devices(topo: Topology, slices: int = 1) -> list:
   return topologies.get_topology_desc(topo.name, "tpu", **kwargs).devices
 
 
-def abstract_frozen(cfg: Config, mesh: Mesh) -> tasks.Frozen | None:
-  """`tasks.load_frozen` as shapes: the replicated VAE that encodes pixels in the step."""
-  if cfg.task != "dit" or not pixels_to_vae(cfg):
-    return None
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: VideoVAE(cfg.vae, rngs=nnx.Rngs(0))))
-  return tasks.Frozen(graphdef, with_shardings(params, jax.tree.map(lambda _: NamedSharding(mesh, P()), params)))
-
-
-def abstract_batch(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
-  """Global batch shapes: one real row from the task's data pipeline, batch_size rows of it."""
-  one_row = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=1, num_workers=0))
-  row = next(tasks.make_batches(one_row, "train"))
-  return {k: jax.ShapeDtypeStruct((cfg.data.batch_size, *v.shape[1:]), v.dtype) for k, v in row.items()}
+def batch_shapes(batch) -> dict[str, list[int]]:
+  """Per-row shapes of a batch, by field path (e.g. 'packing.segment_ids')."""
+  flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="."): list(x.shape[1:]) for path, x in flat}
 
 
 def count_collectives(hlo_text: str) -> dict[str, int]:
@@ -154,21 +145,25 @@ def flops(cost) -> float:
   return float(cost.get("flops", float("nan")))
 
 
-def lower_step(cfg: Config, mesh: Mesh, rules, batch: dict, frozen):
-  """The train step of `src.train` (its `compile_step`), lowered for abstract inputs."""
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, state = abstract_state(cfg, mesh, rules, optimizer)
-  step = compile_step(cfg, mesh, graphdef, state, optimizer, batch, frozen)
+def lower_step(task, mesh: Mesh, rules):
+  """The train step of `src.train` (`state.jit_step`), lowered for abstract inputs:
+  the state, the frozen models and the batch exist only as shapes and shardings."""
+  cfg = task.cfg
+  optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef, state = abstract_state(task, mesh, rules, optimizer)
+  frozen = place_frozen(task.abstract_frozen(), mesh)
+  step = jit_step(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   # Kernels traced for the mesh's platform (splash is Mosaic on TPU, interpreted on CPU).
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), compiling_for(mesh.devices.flat[0].platform):
-    return step.lower(state, batch, frozen), state
+    return step.lower(state, task.batch_shapes(), frozen), state
 
 
-def step_flops(cfg: Config, rules, batch: dict, compiled, chips: int) -> float:
+def step_flops(task, rules, compiled, chips: int) -> float:
   """FLOPs of one step on all chips. XLA's cost analysis counts a loop body once, so
   a scanned model is costed from its unrolled twin, lowered (not compiled) for one CPU
   device: the global program, every layer counted."""
-  if not cfg.model.scan_layers or cfg.task != "dit":
+  cfg = task.cfg
+  if not task.scans_layers:
     return flops(compiled.cost_analysis()) * chips
   one = config_lib.MeshConfig(data=1, fsdp=1, sequence=1, tensor=1)
   # XLA attention in the twin: the same attention FLOPs as a one-clip row, where an
@@ -176,7 +171,7 @@ def step_flops(cfg: Config, rules, batch: dict, compiled, chips: int) -> float:
   unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, attention="xla"),
                                  mesh=one)
   cpu = mesh_lib.make_mesh(one, jax.devices("cpu")[:1])
-  return flops(lower_step(unrolled, cpu, rules, batch, abstract_frozen(unrolled, cpu))[0].cost_analysis())
+  return flops(lower_step(make_task(unrolled), cpu, rules)[0].cost_analysis())
 
 
 def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
@@ -185,13 +180,13 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
   attention = resolve_impl(cfg.model.attention, "tpu")  # what lower_step's kernels are traced as
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
   rules = mesh_lib.make_rules(cfg.mesh.rules)
-  batch = abstract_batch(cfg)
-  frozen = abstract_frozen(cfg, mesh)
-  lowered, state = lower_step(cfg, mesh, rules, batch, frozen)
+  task = make_task(cfg)
+  batch = task.batch_shapes()
+  lowered, state = lower_step(task, mesh, rules)
   report = dict(topology=f"{topo.generation}-{topo.chips * CORES_PER_CHIP[topo.generation]}", grid=topo.name,
                 slices=slices, chips=len(devices), mesh=dict(mesh.shape), attention=attention,
                 params=sum(x.size for x in jax.tree.leaves(state.params)), batch=cfg.data.batch_size,
-                batch_shapes={k: list(v.shape[1:]) for k, v in batch.items()})
+                batch_shapes=batch_shapes(batch))
   hbm = HBM_GIB[topo.generation] * GIB
   try:
     compiled = lowered.compile()
@@ -199,7 +194,7 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
     if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
       raise
     return dict(report, hbm_gib=HBM_GIB[topo.generation], fits=False, error=str(e).strip().splitlines()[0])
-  total = step_flops(cfg, rules, batch, compiled, len(devices))
+  total = step_flops(task, rules, compiled, len(devices))
   hlo = compiled.as_text()
   return dict(report, **memory_report(compiled, hbm), flops_per_step=total, flops_per_chip=total / len(devices),
               collectives=count_collectives(hlo), mosaic_kernels=count_mosaic_kernels(hlo))

@@ -1,13 +1,11 @@
 """`python -m src.bench {step,compile,packing,data,memory} [options]`: performance numbers.
 
 Every result is one JSON line, printed and appended to `--out`. Timings are medians of
-interleaved repeats after warm-up; model FLOPs utilisation (MFU) divides the exact
-model FLOPs of a step (`forward_flops` x 3, attention included, no 6*N*tokens
-shortcut) by the FLOP/s of a jitted float32 2048x2048 matmul measured in the same run,
-interleaved with the step, so that both see the same machine load (DESIGN.md,
-"Performance, measured"). Commands and recorded numbers: docs/benchmarks.md.
+interleaved repeats after warm-up; MFU divides the exact model FLOPs of a step
+(`src.flops`) by the FLOP/s of a jitted float32 2048x2048 matmul interleaved with the
+step in the same run. Commands and recorded numbers: docs/benchmarks.md.
 
-  step     the real train step (src.train.compile_step) on a 1-device mesh: step time,
+  step     the real train step (src.state.jit_step) on a 1-device mesh: step time,
            tokens/s, achieved FLOP/s, MFU; --packed adds rows of 3 mixed-shape examples,
            --unrolled the same step with the layers unrolled (paired ratios for both)
   compile  trace and compile time of the train step against depth, scanned vs unrolled
@@ -19,10 +17,8 @@ interleaved with the step, so that both see the same machine load (DESIGN.md,
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
-import math
 import os
 import platform
 import resource
@@ -39,10 +35,13 @@ from flax import nnx
 from src import config as config_lib
 from src import mesh as mesh_lib
 from src import optim
-from src.config import Config, MeshConfig, ModelConfig
-from src.models.dit import NUM_MODULATIONS, dimensions
+from src.config import Config, MeshConfig
+from src.batch import PackedBatch
+from src.flops import example_tokens, train_flops
+from src.models.dit import dimensions
 from src.models.patch import pack_rows, patchify
-from src.train import compile_step, init_state, train_step
+from src.state import init_state, jit_step
+from src.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -51,50 +50,6 @@ MAX_PEAK_WINDOW_S = 10.0  # longest stretch of matmuls timed per round for the p
 NUM_CLASSES = 1000  # class-conditional, as DiT on ImageNet
 WARMUP_STEPS = 2  # untimed calls after compilation
 DEFAULT_REPEATS = {"step": 10, "compile": 1, "data": 3, "memory": 3}
-# src.train's step takes (state, batch) or (state, batch, frozen VAE): never a VAE here.
-STEP_EXTRA_ARGS = (None,) if "frozen" in inspect.signature(train_step).parameters else ()
-
-
-# --- exact model FLOPs -------------------------------------------------------------
-
-
-def forward_flops(cfg: ModelConfig, tokens_per_example: Sequence[int], cond_tokens: int = 0) -> int:
-  """Matmul FLOPs (2 per multiply-add) of one DiT forward over a batch of examples.
-
-  tokens_per_example: the real token count of every example in the batch (padding
-  excluded); cond_tokens: conditioning tokens per example when cfg.cond_dim > 0.
-  Counted: per token the patch embedding, q/k/v/out, MLP and head; per example the
-  time MLP and the shared time projection (they act on one vector per example) and the
-  conditioning projections; per layer and example the attention matmuls QK^T and AV,
-  4 n^2 D, over the block-diagonal (useful) part only. Elementwise work (norms,
-  softmax, RoPE, gelu, modulation) and embedding lookups are not counted.
-  """
-  depth, width, _ = dimensions(cfg)
-  patch_dim = math.prod(cfg.patch) * cfg.in_channels
-  hidden = int(width * cfg.mlp_ratio)
-  d2 = width * width
-  per_token = 2 * patch_dim * width + 2 * width * patch_dim  # patch embed, head
-  per_token += depth * (4 * 2 * d2 + 2 * 2 * width * hidden)  # q, k, v, out; fc1, fc2
-  per_example = 2 * cfg.freq_dim * width + 2 * d2 + 2 * width * NUM_MODULATIONS * width  # time_in, time_out, time_proj
-  total = 0
-  for n in tokens_per_example:
-    total += n * per_token + per_example + depth * 4 * n * n * width
-    if cfg.cond_dim:
-      s = cond_tokens
-      total += s * (2 * cfg.cond_dim * width + 2 * d2)  # cond_in, cond_out
-      total += depth * (2 * 2 * d2 * n + 2 * 2 * d2 * s + 4 * n * s * width)  # q, out; k, v; QK^T, AV
-  return total
-
-
-def train_flops(cfg: ModelConfig, tokens_per_example: Sequence[int], cond_tokens: int = 0) -> int:
-  """Forward + backward: the backward pass costs two forwards (input and weight grads)."""
-  return 3 * forward_flops(cfg, tokens_per_example, cond_tokens)
-
-
-def example_tokens(batch: dict) -> list[int]:
-  """Real tokens of every example of a packed batch, from its segment ids."""
-  seg = np.asarray(batch["segment_ids"])
-  return [int(c) for row in seg for c in np.bincount(row, minlength=2)[1:] if c > 0]
 
 
 # --- the benchmarked configuration and batch --------------------------------------
@@ -130,7 +85,7 @@ def packed_shapes(latent: Sequence[int], patch: int) -> list[tuple[int, int, int
   return shapes
 
 
-def make_batch(cfg: Config, packed: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
+def make_batch(cfg: Config, packed: bool = False, seed: int = 0) -> PackedBatch:
   """A host batch of Gaussian latents: one example per row, or (packed) the three mixed
   shapes of `packed_shapes` in every row, in the same number of tokens."""
   d, m = cfg.data, cfg.model
@@ -202,16 +157,17 @@ class PeakMatmul:
 
 
 class StepRunner:
-  """The real train step (src.train) on a 1-device mesh, compiled once; each call runs one
+  """The real train step (src.state.jit_step) on a 1-device mesh, compiled once; each call runs one
   step on a fixed batch and waits for it."""
 
   def __init__(self, cfg: Config, batch: dict[str, np.ndarray]):
     self.mesh = mesh_lib.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
     self.rules = mesh_lib.make_rules(cfg.mesh.rules)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, self.state = init_state(cfg, self.mesh, self.rules, optimizer)
-    self.args = (mesh_lib.place_batch(self.mesh, batch), *STEP_EXTRA_ARGS)
-    step = compile_step(cfg, self.mesh, graphdef, self.state, optimizer, batch)
+    task = make_task(cfg)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, self.state = init_state(task, self.mesh, self.rules, optimizer, cfg.seed)
+    self.args = (mesh_lib.place_batch(self.mesh, batch, self.rules), None)  # no frozen VAE
+    step = jit_step(task, self.mesh, self.rules, graphdef, self.state, optimizer, schedule)
     with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
       start = time.perf_counter()
       lowered = step.lower(self.state, *self.args)
@@ -245,27 +201,24 @@ def host() -> dict:
 
 
 def emit(record: dict, out: str | None) -> dict:
-  line = json.dumps(record)
-  print(line, flush=True)
+  print(json.dumps(record), flush=True)
   if out:
     with open(out, "a") as f:
-      f.write(line + "\n")
+      f.write(json.dumps(record) + "\n")
   return record
 
 
-# --- commands ------------------------------------------------------------------------
-
-
-def step_record(name: str, cfg: Config, batch: dict, seconds: list[float], peak: float, num_params: int) -> dict:
+def step_record(name: str, cfg: Config, batch: PackedBatch, seconds: list[float], peak: float, num_params: int) -> dict:
   per_example = example_tokens(batch)
   flops = train_flops(cfg.model, per_example)
-  dense = train_flops(cfg.model, [batch["segment_ids"].shape[1]] * batch["segment_ids"].shape[0])
+  rows, row_tokens = batch.packing.segment_ids.shape
+  dense = train_flops(cfg.model, [row_tokens] * rows)
   step_s = statistics.median(seconds)
   depth, width, heads = dimensions(cfg.model)
   return dict(
       bench="step", case=name, variant=cfg.model.variant, depth=depth, width=width, heads=heads,
-      params=num_params, patch=list(cfg.model.patch), rows=batch["tokens"].shape[0],
-      row_tokens=batch["tokens"].shape[1], examples=len(per_example), scan=cfg.model.scan_layers,
+      params=num_params, patch=list(cfg.model.patch), rows=rows,
+      row_tokens=row_tokens, examples=len(per_example), scan=cfg.model.scan_layers,
       step_s=round(step_s, 5), step_s_min=round(min(seconds), 5), step_s_max=round(max(seconds), 5),
       tokens_per_s=round(sum(per_example) / step_s, 1), flops_per_step=flops,
       flops_per_step_dense_attention=dense, achieved_gflops=round(flops / step_s / 1e9, 2),
@@ -309,17 +262,18 @@ def bench_compile(args) -> list[dict]:
   for depth, scan in cases:  # scan_layers lives in the model (its graphdef): one model per case
     cfg = bench_config(args.variant, args.batch, args.latent, args.patch, scan, depth)
     batch = make_batch(cfg)
-    optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, state = init_state(cfg, mesh, rules, optimizer)
-    steps[depth, scan] = (compile_step(cfg, mesh, graphdef, state, optimizer, batch), state,
-                          mesh_lib.place_batch(mesh, batch))
+    task = make_task(cfg)
+    optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
+    steps[depth, scan] = (jit_step(task, mesh, rules, graphdef, state, optimizer, schedule), state,
+                          mesh_lib.place_batch(mesh, batch, rules))
   for r in range(args.repeats):
     for case in rotated(cases, r):
       step, state, placed = steps[case]
       jax.clear_caches()  # a fresh trace and compile, not a cache hit
       with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
         start = time.perf_counter()
-        lowered = step.lower(state, placed, *STEP_EXTRA_ARGS)
+        lowered = step.lower(state, placed, None)
         traced = time.perf_counter()
         lowered.compile()
       times[case][0].append(traced - start)
@@ -342,7 +296,8 @@ def bench_packing(args, extra: list[str]) -> int:
 
 def bench_data(args) -> list[dict]:
   """Clips/s of the grain pipeline on the synthetic source (one clip = one example)."""
-  from src.data.pipeline import make_iterator, row_shape
+  from src.batch import row_shape
+  from src.data.pipeline import make_iterator
 
   cfg = bench_config(args.variant, args.batch, args.latent, args.patch)
   data = cfg.data
@@ -358,7 +313,7 @@ def bench_data(args) -> list[dict]:
   for _ in range(args.repeats):
     start, clips = time.perf_counter(), 0
     for _ in range(args.batches):
-      seg = next(it)["segment_ids"]
+      seg = next(it).packing.segment_ids
       clips += sum(len(np.unique(row[row > 0])) for row in seg)
       tokens, slots = tokens + int((seg > 0).sum()), slots + seg.size
     rates.append(clips / (time.perf_counter() - start))
@@ -400,7 +355,7 @@ def bench_memory(args) -> list[dict]:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   common = argparse.ArgumentParser(add_help=False)
-  common.add_argument("--variant", default="S", help="DiT variant (models.dit.VARIANTS)")
+  common.add_argument("--variant", default="S", help="DiT variant (src.config.VARIANTS)")
   common.add_argument("--depth", type=int, help="override the variant's depth")
   common.add_argument("--batch", type=int, default=8, help="rows per step")
   common.add_argument("--latent", type=int, nargs=3, default=[32, 32, 4], metavar=("H", "W", "C"))

@@ -15,21 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 from src import storage
+from src.mesh import with_shardings
 
 log = logging.getLogger(__name__)
 
 
 class CheckpointNotFoundError(FileNotFoundError):
   pass
-
-
-def _abstract(tree):
-  """Shapes, dtypes and shardings of a live state: the restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)  # arrays or structs
 
 
 class Checkpointer:
@@ -56,7 +51,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
-    args = dict(state=ocp.args.StandardRestore(_abstract(like_state)))
+    args = dict(state=ocp.args.StandardRestore(with_shardings(like_state)))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
@@ -69,7 +64,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
-    target = {name: _abstract(like)}
+    target = {name: with_shardings(like)}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
@@ -81,9 +76,6 @@ class Checkpointer:
     if step is None:
       raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
     return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

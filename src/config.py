@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -20,6 +20,31 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 class ConfigError(ValueError):
   """A config that cannot be used: unknown key, wrong type, bad value."""
+
+
+# Tables that choice-valued fields name. Each is the one list of its names: the field's
+# Literal type is built from it, so OmegaConf rejects any other value at load time.
+VARIANTS = {  # model.variant -> DiT sizes
+    "tiny": dict(depth=2, width=64, heads=4),
+    "S": dict(depth=12, width=384, heads=6),
+    "B": dict(depth=12, width=768, heads=12),
+    "L": dict(depth=24, width=1024, heads=16),
+    "XL": dict(depth=28, width=1152, heads=16),
+}
+# model.remat -> the jax.checkpoint_policies member the backward pass keeps (none: no
+# rematerialisation; full: only the layer inputs, jax.checkpoint's default).
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
+# model.attention: auto (splash on TPU, else xla) | xla (dense bias from segment ids) |
+# splash (the TPU Pallas kernel) | cudnn (GPU flash attention); src.models.attention.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+TFDS_PREFIX = "tfds:"  # data.source=tfds:<name>: any prepared tfds dataset
+DATA_SOURCES = ("synthetic", "folder", "mixture", "latents")  # and tfds:<name>
+Dtype = Literal["float32", "bfloat16"]
 
 
 @dataclass
@@ -51,9 +76,9 @@ class MeshConfig:
 
 @dataclass
 class ModelConfig:
-  """Spacetime DiT. `variant` picks depth/width/heads from models.dit.VARIANTS."""
+  """Spacetime DiT. `variant` picks depth/width/heads from VARIANTS above."""
 
-  variant: str = "S"
+  variant: Literal[tuple(VARIANTS)] = "S"
   depth: Optional[int] = None  # overrides the variant when set
   width: Optional[int] = None
   heads: Optional[int] = None
@@ -64,12 +89,12 @@ class ModelConfig:
   cond_dim: int = 0  # > 0: width of the caption tokens the DiT cross-attends to
   # precomputed: caption embeddings come with the data (records, or the synthetic
   # stand-in encoder); bytes: a small byte-level encoder trained with the DiT.
-  text_encoder: str = "precomputed"
+  text_encoder: Literal["precomputed", "bytes"] = "precomputed"
   text_depth: int = 2  # layers of the byte-level encoder
   freq_dim: int = 256  # sinusoidal timestep features
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
-  dtype: str = "float32"  # compute dtype; parameters stay float32
+  dtype: Dtype = "float32"  # compute dtype; parameters stay float32
   scan_layers: bool = True  # lax.scan over stacked layers; false: unrolled loop
   # What the backward pass keeps from the forward (jax.checkpoint policies): none =
   # everything, full = only layer inputs, dots = matmul outputs, dots_no_batch = the
@@ -77,10 +102,10 @@ class ModelConfig:
   # fastest measured on CPU with scan (stacking every residual of a scanned layer
   # costs more memory traffic than recomputing the elementwise work) and keeps far
   # less activation memory than none; docs/benchmarks.md has the numbers.
-  remat: str = "dots_no_batch"
+  remat: Literal[tuple(REMAT_POLICIES)] = "dots_no_batch"
   # auto: splash on TPU, else xla | xla: dense bias from segment ids | splash: the TPU
   # Pallas kernel with segment ids | cudnn: GPU flash attention, needs dtype bfloat16
-  attention: str = "auto"
+  attention: Literal[ATTENTION_IMPLS] = "auto"
 
 
 @dataclass
@@ -106,36 +131,58 @@ class VAEConfig:
   # directory (config.json + diffusion_pytorch_model.safetensors). Empty: random init.
   checkpoint: str = ""
   chunk_frames: int = 4  # frames per chunk after the first in chunked encode/decode
-  dtype: str = "float32"
+  dtype: Dtype = "float32"
   # task: vae (training the VAE itself): reconstruction L1/L2 weights and the KL weight.
   # No perceptual/adversarial terms: their pretrained networks cannot be downloaded here.
   l1_weight: float = 1.0
   l2_weight: float = 0.0
   kl_weight: float = 1e-6
 
+  # The VAE's geometry: every caller asks these, none re-derives them.
+
+  def compression(self) -> tuple[int, int]:
+    """(temporal, spatial) downsampling factors: (4, 8) at Wan 2.1 sizes."""
+    n_down = len(self.dim_mult) - 1
+    return 2 ** sum(bool(d) for d in self.temporal_downsample[:n_down]), 2 ** n_down
+
+  def latent_shape(self, shape) -> tuple[int, int, int]:
+    """Pixel (T, H, W) -> latent (1 + (T-1)/4, H/8, W/8) at the default sizes."""
+    ft, fs = self.compression()
+    t, h, w = shape
+    return 1 + (t - 1) // ft, h // fs, w // fs
+
+  def clip_error(self, shape) -> str | None:
+    """Why a pixel clip (T, H, W) cannot be encoded, or None: the causal VAE codes the
+    first frame alone and then groups of `ft` frames, so T = 1 + ft * k."""
+    (ft, fs), (t, h, w) = self.compression(), shape
+    if (t - 1) % ft or h % fs or w % fs:
+      return f"video of {t} frames at {h}x{w}: the VAE needs 1 + {ft}k frames and sides divisible by {fs}"
+    return None
+
 
 @dataclass
 class ObjectiveConfig:
   """Training objective: rectified flow, or DDPM-family diffusion."""
 
-  kind: str = "flow"  # flow | diffusion
+  kind: Literal["flow", "diffusion"] = "flow"
   # Timestep sampling (flow): t ~ logit-normal(mean, std) or uniform on [0, 1],
   # then shifted t' = a t / (1 + (a - 1) t).
-  timestep_sampling: str = "logit_normal"  # logit_normal | uniform
+  timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
   logit_mean: float = 0.0
   logit_std: float = 1.0
   shift: float = 1.0
   # > 0: resolution-dependent shift a = shift * sqrt(tokens / shift_base_tokens)
   shift_base_tokens: int = 0
   # Diffusion (DDPM family), 1000 discrete steps.
-  schedule: str = "linear"  # linear | scaled_linear | cosine
+  schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
   beta_start: float = 0.0001
   beta_end: float = 0.02
-  prediction: str = "eps"  # eps | v | x0
+  prediction: Literal["eps", "v", "x0"] = "eps"
   num_train_timesteps: int = 1000
   min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting
   # Both.
-  loss_reduction: str = "token"  # token: mean over real tokens; example: mean of per-example means
+  # token: mean over real tokens; example: mean of per-example means
+  loss_reduction: Literal["token", "example"] = "token"
   cond_dropout: float = 0.1  # probability an example's label/caption is replaced by the null one
 
 
@@ -145,7 +192,7 @@ class OptimConfig:
 
   lr: float = 1e-4
   warmup_steps: int = 100
-  decay: str = "cosine"  # cosine | constant
+  decay: Literal["cosine", "constant"] = "cosine"
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.0
   b1: float = 0.9
@@ -239,7 +286,7 @@ class TrainConfig:
 class Config:
   workdir: str = "runs/default"
   seed: int = 0
-  task: str = "dit"
+  task: Literal["dit", "vae"] = "dit"  # what is trained: src.tasks.make_task
   model: ModelConfig = field(default_factory=ModelConfig)
   vae: VAEConfig = field(default_factory=VAEConfig)
   objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -247,25 +294,6 @@ class Config:
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)
   mesh: MeshConfig = field(default_factory=MeshConfig)
-
-
-# Allowed values of the string-valued choices, by dotted key.
-CHOICES = {
-    "task": ("dit", "vae"),
-    "model.variant": ("tiny", "S", "B", "L", "XL"),
-    "model.dtype": ("float32", "bfloat16"),
-    "vae.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "dots_no_batch"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "model.text_encoder": ("precomputed", "bytes"),
-    "objective.kind": ("flow", "diffusion"),
-    "objective.timestep_sampling": ("logit_normal", "uniform"),
-    "objective.schedule": ("linear", "scaled_linear", "cosine"),
-    "objective.prediction": ("eps", "v", "x0"),
-    "objective.loss_reduction": ("token", "example"),
-    "optim.decay": ("cosine", "constant"),
-    "data.source": ("synthetic", "folder", "mixture", "latents"),
-}
 
 
 def valid_keys(node: Any = Config, prefix: str = "") -> list[str]:
@@ -295,55 +323,28 @@ def _explain(err: OmegaConfBaseException, source: str, key: str = "") -> ConfigE
     return ConfigError(f"{source}: unknown config key '{key}'.{_hint(key)}")
   if isinstance(err, ValidationError):
     msg = str(err).splitlines()[0]
-    return ConfigError(f"{source}: wrong type for config key '{key}': {msg}")
+    what = "bad value" if msg.startswith("Invalid value") else "wrong type"  # Literal choices say the former
+    return ConfigError(f"{source}: {what} for config key '{key}': {msg}")
   return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
 
 
 def _check(cfg: Config) -> None:
-  for key, allowed in CHOICES.items():
-    value = OmegaConf.select(OmegaConf.structured(cfg), key)
-    tfds = key == "data.source" and str(value).startswith("tfds:") and len(str(value)) > len("tfds:")
-    if value not in allowed and not tfds:
-      extra = ", tfds:<name>" if key == "data.source" else ""
-      raise ConfigError(f"config key '{key}' = {value!r}; expected one of {', '.join(allowed)}{extra}.")
+  """Checks of single fields and of fields that only make sense together, whatever the
+  task. Checks that depend on what is trained belong to the task (`src.tasks`)."""
+  source = cfg.data.source
+  if source not in DATA_SOURCES and not (source.startswith(TFDS_PREFIX) and len(source) > len(TFDS_PREFIX)):
+    raise ConfigError(f"config key 'data.source' = {source!r}; expected one of {', '.join(DATA_SOURCES)}, "
+                      f"{TFDS_PREFIX}<name>.")
   sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.sequence, cfg.mesh.tensor]
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1.")
-  _check_channels(cfg)
-  _check_shapes(cfg)
+  _check_shapes(cfg.data, cfg.model.patch)
   if not 0.0 <= cfg.objective.cond_dropout <= 1.0:
     raise ConfigError(f"objective.cond_dropout={cfg.objective.cond_dropout} must lie in [0, 1].")
 
 
-def pixels_to_vae(cfg: Config) -> bool:
-  """Whether batches hold pixels that a VAE turns into latents (in the step, or as the
-  model being trained), rather than latents ready for the DiT."""
-  return cfg.task == "vae" or (cfg.vae.enabled and cfg.data.source != "latents")
-
-
-def _check_channels(cfg: Config) -> None:
-  grid = (cfg.data.frames, cfg.data.height, cfg.data.width)
-  if pixels_to_vae(cfg):
-    n_down = len(cfg.vae.dim_mult) - 1
-    ft, fs = 2 ** sum(bool(d) for d in cfg.vae.temporal_downsample[:n_down]), 2 ** n_down
-    if cfg.data.channels != cfg.vae.in_channels:
-      raise ConfigError(f"data.channels={cfg.data.channels} but vae.in_channels={cfg.vae.in_channels}.")
-    if (grid[0] - 1) % ft or grid[1] % fs or grid[2] % fs:
-      raise ConfigError(f"data clip {grid}: the VAE needs 1 + {ft}k frames and sides divisible by {fs}.")
-    grid = (1 + (grid[0] - 1) // ft, grid[1] // fs, grid[2] // fs)
-    channels = cfg.vae.z_dim
-  else:
-    channels = cfg.data.channels
-  if cfg.task == "dit" and channels != cfg.model.in_channels:
-    raise ConfigError(
-        f"the DiT gets latents of {channels} channels (data.channels, or vae.z_dim with a VAE) "
-        f"but model.in_channels={cfg.model.in_channels}.")
-  if cfg.task == "dit" and any(g % p for g, p in zip(grid, cfg.model.patch)):
-    raise ConfigError(f"latent grid (frames, height, width)={grid} is not divisible by model.patch={cfg.model.patch}.")
-
-
-def _check_shapes(cfg: Config) -> None:
-  d, (pt, ph, pw) = cfg.data, cfg.model.patch
+def _check_shapes(d: DataConfig, patch) -> None:
+  pt = patch[0]
   if d.pack_buffer < 1.0:
     raise ConfigError(f"data.pack_buffer={d.pack_buffer}: the buffer must hold at least one batch (>= 1).")
   if not 0.0 <= d.image_fraction <= 1.0 or not 0.0 <= d.token_drop < 1.0:
@@ -357,15 +358,6 @@ def _check_shapes(cfg: Config) -> None:
     raise ConfigError(f"data.frame_counts={frames} (and images) must be multiples of patch pt={pt}.")
   if not d.aspect_ratios or min(d.aspect_ratios) <= 0:
     raise ConfigError("data.aspect_ratios must be a non-empty list of positive W/H ratios.")
-  t, area = max(frames), d.area
-  if pixels_to_vae(cfg):  # sizes are pixels: count latent tokens
-    n_down = len(cfg.vae.dim_mult) - 1
-    t, area = 1 + (t - 1) // 2 ** sum(bool(x) for x in cfg.vae.temporal_downsample[:n_down]), area // 4 ** n_down
-  most = t * area // (pt * ph * pw)
-  if most > d.seq_len and cfg.task == "dit":
-    raise ConfigError(
-        f"the largest example ({t} latent frames x {area} latent area = {most} tokens) does not fit "
-        f"data.seq_len={d.seq_len}.")
 
 
 def load(path: str | Path | None = None, overrides: List[str] = ()) -> Config:

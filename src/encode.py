@@ -4,20 +4,18 @@ Runs the configured data source (pixels) through the frozen VAE (`vae.checkpoint
 the device mesh and writes an ArrayRecord cache of normalised posterior means, with
 labels, captions and, when the DiT is caption-conditioned, the caption embeddings.
 Each process encodes and writes its own shard of the source. Train on the cache with
-`data.source=latents data.path=DIR` (variable shapes are packed like any clip).
+`data.source=latents data.data_dir=DIR` (variable shapes are packed like any clip).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import logging
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -28,21 +26,11 @@ from src import mesh as mesh_lib
 from src.config import Config
 from src.data.latents import LatentWriter
 from src.data.sources import clip_source, embed_caption
+from src.pretrained import load_vae
+from src.state import Frozen, place_frozen
+from src.tasks import make_task
 
 log = logging.getLogger("src.encode")
-
-
-def load_vae(cfg: Config):
-  """(graphdef, params) of the frozen VAE named by the config."""
-  from src.convert import load_pretrained_vae
-  from src.models.vae import VideoVAE
-
-  if cfg.vae.checkpoint:
-    vae, _ = load_pretrained_vae(cfg.vae.checkpoint)
-  else:
-    log.warning("vae.checkpoint is empty: using a randomly initialised VAE (tests and smoke runs only)")
-    vae = VideoVAE(cfg.vae, rngs=nnx.Rngs(jax.random.key(cfg.seed, impl="rbg")))
-  return nnx.split(vae)
 
 
 def encode_fn(graphdef):
@@ -59,15 +47,16 @@ def encode_fn(graphdef):
 
 def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int = 0) -> int:
   """Encode this process's shard of the source into `out_dir`; returns records written."""
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  graphdef, params = load_vae(cfg)
-  vae_stride = 2 ** (len(cfg.vae.dim_mult) - 1)
-  ft = 2 ** sum(bool(d) for d in cfg.vae.temporal_downsample[: len(cfg.vae.dim_mult) - 1])
-  source = clip_source(cfg.data, cfg.seed, vae_stride * max(cfg.model.patch[1:]), split, frame_multiple=ft)
+  mesh, rules = mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules(cfg.mesh.rules)
+  vae = place_frozen(Frozen.of(load_vae(cfg.vae, cfg.seed)), mesh)  # replicated on the mesh's devices
+  graphdef, params = vae.graphdef, vae.params
+  _, fs = cfg.vae.compression()
+  # A still image stays one frame: the causal VAE codes a first frame alone (T = 1 + 4k, k = 0).
+  source = clip_source(cfg.data, cfg.seed, fs * max(cfg.model.patch[1:]), split)
   pid, count = jax.process_index(), jax.process_count()
   indices = list(range(pid, len(source), count))[: limit or None]
   rows = max(1, cfg.data.batch_size // count)
-  data_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_devices = mesh_lib.batch_devices(mesh, rules)
   encode = encode_fn(graphdef)
   writer = LatentWriter(out_dir, pid, count)
   pending = collections.defaultdict(list)  # clips of one shape are encoded together
@@ -76,7 +65,7 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
   def flush(shape):
     group = pending.pop(shape)
     videos = np.stack([g["video"] for g in group])
-    sharding = NamedSharding(mesh, mesh_lib.batch_spec(videos.ndim) if len(group) % data_devices == 0
+    sharding = NamedSharding(mesh, mesh_lib.batch_spec(videos.ndim, rules) if len(group) % data_devices == 0
                              else jax.sharding.PartitionSpec())
     latents = np.asarray(encode(params, jax.device_put(videos, sharding)))
     for rec, latent in zip(group, latents):
@@ -85,7 +74,7 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
               if cfg.model.cond_dim and cfg.model.text_encoder == "precomputed" else None)
       writer.write(latent, rec["label"], rec["caption"], text)
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(mesh_lib.make_rules(cfg.mesh.rules)):
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     for i in tqdm(indices, desc=f"encoding (process {pid})", unit="clip", file=sys.stderr):
       rec = source[i]
       if "skip" in rec:
@@ -116,6 +105,7 @@ def main(argv=None) -> int:
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   try:
     cfg = config_lib.load(args.config, args.overrides)
+    make_task(cfg)  # the config checks of the DiT this cache is for
     mesh_lib.initialize_distributed(cfg.mesh)
     encode_dataset(cfg, args.out, args.split, args.limit)
   except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:

@@ -13,7 +13,6 @@ import math
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
 from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -32,20 +31,17 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_seq": "sequence",
     "act_cond_seq": None,
     "act_embed": None,
-    "act_heads": "tensor",
     # Inside attention, tokens are whole and heads split over tensor x sequence
     # (Ulysses context parallelism); with sequence = 1 this is plain tensor parallelism.
     "act_attn_seq": None,
     "act_attn_heads": ("tensor", "sequence"),
     "act_mlp": "tensor",
-    "act_kv": None,
     "act_height": None,  # VAE activations' rows; map to "sequence" to shard large frames
     # parameters
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
     "head_dim": None,
-    "qkv": None,
     "patch": None,
     "cond_embed": None,
     "freq": None,
@@ -168,14 +164,39 @@ def initialize_distributed(cfg: MeshConfig) -> None:
   log.info("process %d of %d", jax.process_index(), jax.process_count())
 
 
-def batch_spec(ndim: int) -> P:
-  """Batch arrays: rows over the data axes, the rest replicated."""
-  return P(BATCH_AXES, *([None] * (ndim - 1)))
+def batch_spec(ndim: int, rules=None) -> P:
+  """Batch arrays: rows as the `act_batch` rule says (data x fsdp by default), the rest
+  replicated, like every activation. Rules: given, else the enclosing context's, else
+  the defaults."""
+  rules = rules if rules is not None else (current_rules() or tuple(DEFAULT_RULES.items()))
+  return logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules)
 
 
-def place_batch(mesh: jax.sharding.Mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Host-local rows -> global arrays sharded over the batch axes of the mesh."""
-  return {
-      k: jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(v.ndim)), v)
-      for k, v in local.items()
-  }
+def batch_shardings(mesh: jax.sharding.Mesh, batch, rules=None):
+  """NamedShardings of a batch (any pytree of arrays or ShapeDtypeStructs)."""
+  return jax.tree.map(lambda v: NamedSharding(mesh, batch_spec(v.ndim, rules)), batch)
+
+
+def batch_devices(mesh: jax.sharding.Mesh, rules=None) -> int:
+  """How many ways a batch's rows are split: the product of the `act_batch` axes."""
+  spec = batch_spec(1, rules)[0]
+  axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def place_batch(mesh: jax.sharding.Mesh, local, rules=None):
+  """Host-local rows (a pytree of numpy arrays) -> global arrays split by the batch rule."""
+  return jax.tree.map(lambda v, s: jax.make_array_from_process_local_data(s, v), local,
+                      batch_shardings(mesh, local, rules))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def with_shardings(shapes, shardings=None):
+  """ShapeDtypeStructs of `shapes` (arrays or structs) carrying `shardings` (default:
+  their own): a tree that exists only as layout, for restores and AOT compiles."""
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: x.sharding, shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)

@@ -108,6 +108,14 @@ def sample_time(cfg: ObjectiveConfig, key: jax.Array, shape, num_tokens=None) ->
   return shift_time(t, shift_factor(cfg, num_tokens)).astype(jnp.float32)
 
 
+def fixed_time(cfg: ObjectiveConfig, fraction, shape) -> jax.Array:
+  """Every example at one noise level, `fraction` of the range (validation): flow t, or
+  that fraction of the diffusion steps."""
+  if cfg.kind == "flow":
+    return jnp.full(shape, fraction, jnp.float32)
+  return jnp.full(shape, jnp.round(fraction * (cfg.num_train_timesteps - 1)), jnp.int32)
+
+
 def model_time(cfg: ObjectiveConfig, t: jax.Array) -> jax.Array:
   """What the DiT timestep embedding receives: 1000 t (flow) or the step (diffusion)."""
   if cfg.kind == "flow":

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import jax
 import optax
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from src.config import OptimConfig
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Learning rate by step count. Shifted by one so that the first step already moves
-  (lr / warmup_steps), rather than spending a whole step at lr = 0."""
+  """Learning rate by the optimizer's step count (0 at the first update): linear
+  warmup from 0 to `lr` over `warmup_steps`, then cosine down to `lr * min_lr_ratio`
+  at `total_steps` (or `lr` held, for decay=constant). Evaluated at count + 1, so the
+  first update already moves (lr / warmup_steps) rather than spending a step at
+  lr = 0, and the last (count total_steps - 1) is at the end value. The warmup is cut
+  to total_steps - 1 when longer, so a short run still reaches its peak."""
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   if cfg.decay == "constant":
     base = optax.join_schedules(
@@ -24,23 +29,37 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """Weight decay on projection kernels only: not on biases, norm scales, embedding
-  or modulation tables."""
-  def is_kernel(path, _):
-    return any(getattr(k, "key", None) == "kernel" for k in path)
+  """Which parameters take weight decay: those created with `decay=True`
+  (`layers.param`), i.e. projection and conv kernels, not biases, norm scales,
+  embedding or modulation tables. An explicit mark rather than a rule on names, so
+  renaming an attribute cannot silently change what decays.
 
-  return jax.tree_util.tree_map_with_path(is_kernel, params)
+  `params` is an nnx State (or a tree shaped like it: gradients, updates, abstract
+  states); the result has a bool at each Variable, a prefix of `params`, which is
+  what optax's `mask` takes. A leaf outside any Variable has no mark to read, so it
+  is an error rather than silently undecayed."""
+  def marked(v) -> bool:
+    if not isinstance(v, nnx.Variable):
+      raise TypeError(f"decay_mask needs nnx Variables (an nnx.split State), got {type(v).__name__}")
+    return bool(v.get_metadata().get("decay", False))
+
+  return jax.tree.map(marked, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-  return optax.chain(
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, its learning-rate schedule): the schedule is built once and returned,
+  so what the trainer logs is the very function the optimizer steps with."""
+  schedule = make_schedule(cfg, total_steps)
+  optimizer = optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm),
-      optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay, mask=decay_mask),
+      optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
   )
+  return optimizer, schedule
 
 
 def update_ema(ema, params, decay: float):
+  """One EMA step, e <- e + (1 - decay)(p - e): `decay` is the weight kept on the old
+  average, so the EMA forgets with a time constant of about 1 / (1 - decay) steps."""
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)
 
 

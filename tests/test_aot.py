@@ -79,6 +79,11 @@ def test_compiles_a_tiny_model_for_v5e_8():
   r = report(result)
   assert r["chips"] == 8 and r["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 2}
   assert r["fits"] and r["hbm_gib"] == 16
+  # The batch the step was compiled for, per row, by field path: 2x8x8 latents in 1x2x2
+  # patches (32 tokens of 16 values), one example, 4 caption tokens of width 16.
+  assert r["batch_shapes"] == {"tokens": [32, 16], "packing.segment_ids": [32], "packing.positions": [32, 3],
+                               "packing.grid": [1, 3], "packing.labels": [1], "packing.cond": [4, 16],
+                               "packing.cond_segment_ids": [4]}
   # attention=auto is the splash kernel on TPU: the compiled step holds its Mosaic
   # kernels (forward and backward, self- and cross-attention).
   assert r["attention"] == "splash" and r["mosaic_kernels"] >= 2

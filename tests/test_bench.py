@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from benchmarks import compare_torch
-from src import bench
+from src import bench, flops
 from src.models import dit
 from src.models.dit import DiT
 
@@ -31,29 +31,29 @@ def dit_forward_xla_flops(cfg, batch) -> float:
   """XLA's count of an unrolled (a scan body is counted once) DiT forward."""
   cfg.model.scan_layers = False
   graphdef, params = nnx.split(nnx.eval_shape(lambda: DiT(cfg.model, rngs=nnx.Rngs(0))))
-  time = jnp.full(batch["grid"].shape[:2], 500.0)
-  batch = {k: jnp.asarray(v) for k, v in batch.items()}
-  return xla_flops(lambda p, b: nnx.merge(graphdef, p)(b["tokens"], time, b), params, batch)
+  time = jnp.full(batch.packing.grid.shape[:2], 500.0)
+  batch = jax.tree.map(jnp.asarray, batch)
+  return xla_flops(lambda p, b: nnx.merge(graphdef, p)(b.tokens, time, b.packing), params, batch)
 
 
 def test_flop_counter_matches_xla_cost_analysis():
   # width 64 and 256 tokens: attention is ~40% of the count, so leaving it out would fail.
   cfg = bench.bench_config("tiny", 2, (32, 32, 4), 2)
   batch = bench.make_batch(cfg)
-  ours = bench.forward_flops(cfg.model, bench.example_tokens(batch))
-  assert bench.example_tokens(batch) == [256, 256]
+  ours = flops.forward_flops(cfg.model, flops.example_tokens(batch))
+  assert flops.example_tokens(batch) == [256, 256]
   assert ours == pytest.approx(dit_forward_xla_flops(cfg, batch), rel=0.1)
-  assert bench.train_flops(cfg.model, [256, 256]) == 3 * ours
+  assert flops.train_flops(cfg.model, [256, 256]) == 3 * ours
 
 
 def test_flop_counter_with_cross_attention_matches_xla():
   cfg = bench.bench_config("tiny", 2, (32, 32, 4), 2)
-  no_cond = bench.forward_flops(cfg.model, [256, 256])
+  no_cond = flops.forward_flops(cfg.model, [256, 256])
   cfg.model.cond_dim, text_len = 32, 16
   batch = bench.make_batch(cfg)
-  batch["cond"] = np.ones((2, text_len, 32), np.float32)
-  batch["cond_segment_ids"] = np.ones((2, text_len), np.int32)
-  ours = bench.forward_flops(cfg.model, bench.example_tokens(batch), cond_tokens=text_len)
+  batch = batch.replace(packing=batch.packing.replace(cond=np.ones((2, text_len, 32), np.float32),
+                                                      cond_segment_ids=np.ones((2, text_len), np.int32)))
+  ours = flops.forward_flops(cfg.model, flops.example_tokens(batch), cond_tokens=text_len)
   assert ours > 1.1 * no_cond  # the cross-attention terms matter
   assert ours == pytest.approx(dit_forward_xla_flops(cfg, batch), rel=0.1)
 
@@ -62,15 +62,15 @@ def test_packed_flops_count_only_the_block_diagonal():
   """A packed row's useful FLOPs are those of its examples run alone (XLA's count)."""
   cfg = bench.bench_config("tiny", 1, (32, 32, 4), 2, packed=True)
   packed = bench.make_batch(cfg, packed=True)
-  sizes = bench.example_tokens(packed)
+  sizes = flops.example_tokens(packed)
   assert sizes == [128, 32, 96]
   alone = 0.0
   for shape in bench.packed_shapes((32, 32, 4), 2):
     one = bench.bench_config("tiny", 1, (shape[1], shape[2], 4), 2)
     one.data.frames = shape[0]
     alone += dit_forward_xla_flops(one, bench.make_batch(one))
-  assert bench.forward_flops(cfg.model, sizes) == pytest.approx(alone, rel=0.1)
-  assert bench.forward_flops(cfg.model, [256]) > 1.2 * alone  # the dense count would not pass
+  assert flops.forward_flops(cfg.model, sizes) == pytest.approx(alone, rel=0.1)
+  assert flops.forward_flops(cfg.model, [256]) > 1.2 * alone  # the dense count would not pass
 
 
 def test_step_cli_prints_json_with_mfu(tmp_path):
@@ -87,7 +87,7 @@ def test_step_cli_prints_json_with_mfu(tmp_path):
   assert all(r["time_ratio"] > 0 for r in records[3:])
   r = records[0]
   assert 0 < r["mfu"] <= 1 and r["repeats"] == 2 and r["tokens_per_s"] > 0
-  assert r["flops_per_step"] == bench.train_flops(bench.bench_config("tiny", 8, (32, 32, 4), 2).model, [256] * 8)
+  assert r["flops_per_step"] == flops.train_flops(bench.bench_config("tiny", 8, (32, 32, 4), 2).model, [256] * 8)
   assert [json.loads(line) for line in out.read_text().splitlines()] == records
 
 

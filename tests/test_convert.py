@@ -1,4 +1,4 @@
-"""Weight import: diffusers AutoencoderKLWan -> VideoVAE, bad weights, the CLI.
+"""Weight import: diffusers AutoencoderKLWan -> VideoVAE (src.pretrained), bad weights, the CLI (src.convert).
 
 The reference tests need the `interop` extra (torch, diffusers) and skip without it;
 the rest write diffusers-layout files from a VideoVAE with numpy alone.
@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from src.convert import (DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, WeightsError, diffusers_vae_name, load_pretrained_vae,
-                         main, vae_config_from_diffusers, vae_params_from_diffusers)
+from src.convert import main
+from src.pretrained import (DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS, WeightsError, diffusers_vae_name, load_pretrained_vae,
+                            vae_config_from_diffusers, vae_params_from_diffusers)
 from src.models.vae import VideoVAE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,16 +1,19 @@
 """Tests for src/data: the synthetic source, the caption embedding, the grain pipeline."""
 
+import dataclasses
 import hashlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from src.batch import row_shape
 from src.config import DataConfig, SyntheticConfig
-from src.data.pipeline import make_iterator, row_shape
+from src.data.pipeline import make_iterator
 from src.data.sources import BACKGROUND, class_content, colour_vector, embed_caption, make_source
 from src.models.patch import patchify, unpack
 
@@ -30,9 +33,16 @@ def _take(it, n):
 
 def _assert_batches_equal(a, b):
   for x, y in zip(a, b, strict=True):
-    assert x.keys() == y.keys()
-    for key in x:
-      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+    assert jax.tree.structure(x) == jax.tree.structure(y)  # the same fields present
+    for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(x)[0], jax.tree.leaves(y)):
+      np.testing.assert_array_equal(u, v, err_msg=jax.tree_util.keystr(path))
+
+
+def _arrays(batch):
+  """Field -> array of a PackedBatch, its packing's fields alongside tokens; absent ones left out."""
+  packing = {f.name: getattr(batch.packing, f.name) for f in dataclasses.fields(batch.packing)}
+  fields = {"tokens": batch.tokens, **packing}
+  return {k: v for k, v in fields.items() if v is not None}
 
 
 def _digest(tokens):
@@ -134,9 +144,10 @@ def test_batch_layout_one_example_per_row():
       "grid": ((2, 1, 3), np.int32), "labels": ((2, 1), np.int32),
       "cond": ((2, 4, 5), np.float32), "cond_segment_ids": ((2, 4), np.int32),
   }  # fmt: skip
-  assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
-  assert np.all(batch["segment_ids"] == 1) and np.all(batch["grid"] == [2, 4, 4])
-  assert "cond" not in next(make_iterator(cfg, PATCH, cond_dim=0, seed=0))
+  assert {k: (v.shape, v.dtype) for k, v in _arrays(batch).items()} == expected
+  assert np.all(batch.packing.segment_ids == 1) and np.all(batch.packing.grid == [2, 4, 4])
+  no_text = next(make_iterator(cfg, PATCH, cond_dim=0, seed=0))
+  assert set(_arrays(no_text)) == set(expected) - {"cond", "cond_segment_ids"}
   with pytest.raises(ValueError, match="not divisible by 3 processes"):
     make_iterator(cfg, PATCH, cond_dim=0, seed=0, process_count=3)
 
@@ -147,8 +158,8 @@ def test_packed_rows_hold_source_examples():
   by_digest = {_digest(patchify(source[i]["video"], PATCH)[0]): source[i] for i in range(len(source))}
   captions = {}
   for batch in _take(make_iterator(cfg, PATCH, cond_dim=4, seed=0), 3):
-    assert batch["tokens"].shape == (4, 80, 12)
-    np.testing.assert_array_equal((batch["segment_ids"] > 0).sum(1), [64] * 4)
+    assert batch.tokens.shape == (4, 80, 12)
+    np.testing.assert_array_equal((batch.packing.segment_ids > 0).sum(1), [64] * 4)
     for ex in unpack(batch):
       record = by_digest[_digest(ex["tokens"])]
       assert ex["label"] == record["label"]
@@ -174,18 +185,20 @@ def test_seed_determines_the_stream():
   cfg = _cfg(seq_len=80, max_segments=3)
   a, b, c = (_take(make_iterator(cfg, PATCH, 3, seed=s), 3) for s in (7, 7, 8))
   _assert_batches_equal(a, b)
-  assert not np.array_equal(a[0]["tokens"], c[0]["tokens"])
+  assert not np.array_equal(a[0].tokens, c[0].tokens)
 
 
 def _check_resume(cfg, n=3, m=3):
   it = make_iterator(cfg, PATCH, cond_dim=3, seed=0)
   _take(it, n)
   state = it.get_state()
+  assert state["skipped"] == it.skip_counts() == {}  # the synthetic source has no bad record
   expected = _take(it, m)
   fresh = make_iterator(cfg, PATCH, cond_dim=3, seed=0)
   fresh.set_state(state)
   got = _take(fresh, m)
   _assert_batches_equal(got, expected)
+  assert fresh.skip_counts() == {} and fresh.get_state()["next_index"] == it.get_state()["next_index"]
   it.close()
   fresh.close()
   return expected
@@ -255,7 +268,7 @@ def test_window_packing_leaves_little_padding():
   cfg = _cfg(**dict(MIXED, seq_len=150, max_segments=16), batch_size=4, synthetic=dict(num_examples=400))
   it = make_iterator(cfg, PATCH, cond_dim=0, seed=0)
   batches = _take(it, 12)
-  seg = np.stack([b["segment_ids"] for b in batches])
+  seg = np.stack([b.packing.segment_ids for b in batches])
   assert np.mean(seg == 0) < 0.05
   seen = [len(unpack(b)) for b in batches]
   assert sum(seen) > 12 * 4  # several examples per row
@@ -275,25 +288,12 @@ def test_clip_source_passes_synthetic_clips_through():
     assert clips[i]["caption"] == raw[i]["caption"]
 
 
-def test_state_without_skip_counts_still_restores():
-  """Checkpoints written before skip counting have no 'skipped' entry."""
-  cfg = _cfg(seq_len=80, max_segments=3, synthetic=dict(num_examples=20))
-  it = make_iterator(cfg, PATCH, cond_dim=0, seed=0)
-  _take(it, 2)
-  state = it.get_state()
-  assert state.pop("skipped") == {} and it.skip_counts() == {}
-  expected = _take(it, 2)
-  fresh = make_iterator(cfg, PATCH, cond_dim=0, seed=0)
-  fresh.set_state(state)
-  _assert_batches_equal(_take(fresh, 2), expected)
-  assert fresh.skip_counts() == {}
-
-
 def test_byte_captions_are_packed_as_ids():
   cfg = _cfg(seq_len=80, max_segments=3, synthetic=dict(num_examples=12))
   batch = next(make_iterator(cfg, PATCH, cond_dim=8, seed=0, text_encoder="bytes"))
-  assert batch["cond"].dtype == np.int32 and batch["cond"].shape == (4, 3 * 4)
-  first = batch["cond"][0, :4]
+  cond = batch.packing.cond
+  assert cond.dtype == np.int32 and cond.shape == (4, 3 * 4)
+  first = cond[0, :4]
   word = bytes(int(b) - 1 for b in first if b > 0).decode()
   captions = [make_source(cfg, seed=0)[i]["caption"] for i in range(12)]
   assert any(c.startswith(word) for c in captions)

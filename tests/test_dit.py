@@ -10,10 +10,12 @@ import pytest
 from flax import nnx
 
 from src import mesh as M
-from src.config import Config, MeshConfig, ModelConfig
+from src.batch import Packing, PackedBatch
+from src.config import Config, DataConfig, MeshConfig, ModelConfig
 from src.models import attention
 from src.models.dit import VARIANTS, DiT, dimensions
-from src.train import create_model
+from src.state import create_model
+from src.tasks import make_task
 
 CFG = ModelConfig(variant="tiny", num_classes=5, cond_dim=12, patch=(1, 2, 2), in_channels=3)
 
@@ -24,8 +26,7 @@ def make_batch(rows=2, grid=(2, 4, 4), text_len=3, cond_dim=12, patch_dim=12, se
   t, h, w = grid
   n = t * h * w
   pos = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij"), -1).reshape(n, 3)
-  return dict(
-      tokens=jnp.asarray(rng.normal(size=(rows, n, patch_dim)), jnp.float32),
+  packing = Packing(
       segment_ids=jnp.ones((rows, n), jnp.int32),
       positions=jnp.asarray(np.broadcast_to(pos, (rows, n, 3)), jnp.int32),
       grid=jnp.asarray(np.broadcast_to(grid, (rows, 1, 3)), jnp.int32),
@@ -33,6 +34,7 @@ def make_batch(rows=2, grid=(2, 4, 4), text_len=3, cond_dim=12, patch_dim=12, se
       cond=jnp.asarray(rng.normal(size=(rows, text_len, cond_dim)), jnp.float32),
       cond_segment_ids=jnp.ones((rows, text_len), jnp.int32),
   )
+  return PackedBatch(tokens=jnp.asarray(rng.normal(size=(rows, n, patch_dim)), jnp.float32), packing=packing)
 
 
 def perturbed(model, scale=0.05, seed=1):
@@ -46,14 +48,14 @@ def perturbed(model, scale=0.05, seed=1):
 
 
 class Forward:
-  """A jitted `model(tokens, time, batch, drop)` over explicit (graphdef, params)."""
+  """A jitted `model(tokens, time, packing, drop)` over explicit (graphdef, params)."""
 
   def __init__(self, graphdef, params):
     self.graphdef, self.params = graphdef, params
     self._fn = jax.jit(lambda p, *args: nnx.merge(graphdef, p)(*args))
 
-  def __call__(self, tokens, time, batch, drop=None):
-    return self._fn(self.params, tokens, time, batch, drop)
+  def __call__(self, tokens, time, packing, drop=None):
+    return self._fn(self.params, tokens, time, packing, drop)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +67,8 @@ def model():
 def test_new_model_outputs_exactly_zero():
   model = Forward(*nnx.split(DiT(CFG, rngs=nnx.Rngs(0))))
   b = make_batch()
-  out = model(b["tokens"], jnp.full((2, 1), 500.0), b)
-  assert out.shape == b["tokens"].shape and out.dtype == jnp.float32
+  out = model(b.tokens, jnp.full((2, 1), 500.0), b.packing)
+  assert out.shape == b.tokens.shape and out.dtype == jnp.float32
   assert not np.any(np.asarray(out))
 
 
@@ -78,12 +80,12 @@ def test_variants_follow_the_dit_paper():
 
 
 def test_golden_sharding_on_a_2x2x2_mesh():
-  cfg = Config(model=dataclasses.replace(CFG, width=128, heads=4))
+  cfg = Config(model=dataclasses.replace(CFG, width=128, heads=4), data=DataConfig(channels=CFG.in_channels))
   mesh = M.make_mesh(MeshConfig(data=2, fsdp=2, sequence=1, tensor=2))
   rules = M.make_rules()
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     abstract = nnx.eval_shape(lambda: DiT(cfg.model, rngs=nnx.Rngs(0)))
-  _, params = create_model(cfg, mesh, rules)
+  _, params = create_model(make_task(cfg), mesh, rules, cfg.seed)
   names = {path: v.get_metadata()["out_sharding"] for path, v in nnx.to_flat_state(nnx.state(abstract))}
   values = dict(nnx.to_flat_state(params))
   assert names.keys() == values.keys()
@@ -109,8 +111,8 @@ def test_scan_equals_unrolled_and_remat_keeps_gradients(remat):
   for scan in (True, False):
     cfg = dataclasses.replace(CFG, scan_layers=scan, remat=remat)
     model = perturbed(DiT(cfg, rngs=nnx.Rngs(0)))
-    f = lambda p: jnp.sum(nnx.merge(model.graphdef, p)(b["tokens"], t, b) ** 2)
-    outs.append(model(b["tokens"], t, b))
+    f = lambda p: jnp.sum(nnx.merge(model.graphdef, p)(b.tokens, t, b.packing) ** 2)
+    outs.append(model(b.tokens, t, b.packing))
     grads.append(jax.jit(jax.grad(f))(model.params))
   assert float(jnp.abs(outs[0]).max()) > 1e-3
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
@@ -122,10 +124,10 @@ def test_bfloat16_compute_keeps_float32_parameters(model):
   bf16 = perturbed(DiT(dataclasses.replace(CFG, dtype="bfloat16"), rngs=nnx.Rngs(0)))
   ref = model
   b = make_batch()
-  out = bf16(b["tokens"], jnp.full((2, 1), 100.0), b)
+  out = bf16(b.tokens, jnp.full((2, 1), 100.0), b.packing)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(bf16.params))
   assert out.dtype == jnp.float32
-  expect = ref(b["tokens"], jnp.full((2, 1), 100.0), b)
+  expect = ref(b.tokens, jnp.full((2, 1), 100.0), b.packing)
   assert float(jnp.abs(out - expect).max()) < 0.05 * float(jnp.abs(expect).max()) + 1e-2
 
 
@@ -150,17 +152,18 @@ def test_rope_scores_depend_only_on_relative_position():
 def test_conditioning_reaches_the_output(model):
   b = make_batch()
   t = jnp.full((2, 1), 300.0)
-  base = model(b["tokens"], t, b)
-  other_label = dict(b, labels=(b["labels"] + 1) % 5)
-  other_caption = dict(b, cond=b["cond"] + 1.0)
-  assert float(jnp.abs(model(b["tokens"], t, other_label) - base).max()) > 1e-4
-  assert float(jnp.abs(model(b["tokens"], t, other_caption) - base).max()) > 1e-4
-  assert float(jnp.abs(model(b["tokens"], t + 100, b) - base).max()) > 1e-4
+  p = b.packing
+  base = model(b.tokens, t, p)
+  other_label = p.replace(labels=(p.labels + 1) % 5)
+  other_caption = p.replace(cond=p.cond + 1.0)
+  assert float(jnp.abs(model(b.tokens, t, other_label) - base).max()) > 1e-4
+  assert float(jnp.abs(model(b.tokens, t, other_caption) - base).max()) > 1e-4
+  assert float(jnp.abs(model(b.tokens, t + 100, p) - base).max()) > 1e-4
   # Dropped conditioning: label and caption no longer matter.
   drop = jnp.ones((2, 1), bool)
-  dropped = model(b["tokens"], t, b, drop)
-  np.testing.assert_allclose(model(b["tokens"], t, other_label, drop), dropped, atol=1e-6)
-  np.testing.assert_allclose(model(b["tokens"], t, other_caption, drop), dropped, atol=1e-6)
+  dropped = model(b.tokens, t, p, drop)
+  np.testing.assert_allclose(model(b.tokens, t, other_label, drop), dropped, atol=1e-6)
+  np.testing.assert_allclose(model(b.tokens, t, other_caption, drop), dropped, atol=1e-6)
 
 
 # --- packing: several examples of different shapes share one row -----------------
@@ -181,7 +184,7 @@ def packed_examples(seed=0, text_len=3):
 
 
 def as_jnp(batch):
-  return {k: jnp.asarray(v) for k, v in batch.items()}
+  return jax.tree.map(jnp.asarray, batch)
 
 
 def alone(example):
@@ -194,11 +197,11 @@ def test_packed_row_equals_each_example_alone(model):
   row = as_jnp(pack_rows(examples, seq_len, max_segments=4))
   times = jnp.array([[100.0, 500.0, 900.0, 0.0]])
   drop = jnp.array([[False, True, False, False]])
-  out = model(row["tokens"], times, row, drop)  # [1, L, P]
-  seg = np.asarray(row["segment_ids"][0])
+  out = model(row.tokens, times, row.packing, drop)  # [1, L, P]
+  seg = np.asarray(row.packing.segment_ids[0])
   for k, ex in enumerate(examples):
     single = alone(ex)
-    ref = model(single["tokens"], times[:, k:k + 1], single, drop[:, k:k + 1])
+    ref = model(single.tokens, times[:, k:k + 1], single.packing, drop[:, k:k + 1])
     np.testing.assert_allclose(out[0, seg == k + 1], ref[0], atol=1e-5, rtol=0)
   assert float(jnp.abs(out[0, seg == 1]).max()) > 1e-3  # the check is not vacuous
 
@@ -211,14 +214,14 @@ def test_packed_gradient_is_the_sum_of_gradients_alone(model):
   times = jnp.array([[300.0, 20.0, 700.0]])
 
   def sse(p, batch, t, target):
-    out = nnx.merge(graphdef, p)(batch["tokens"], t, batch)
-    real = (batch["segment_ids"] > 0)[..., None]
+    out = nnx.merge(graphdef, p)(batch.tokens, t, batch.packing)
+    real = (batch.packing.segment_ids > 0)[..., None]
     return jnp.sum(jnp.where(real, out - target, 0.0) ** 2)
 
   seq_len = sum(len(e["tokens"]) for e in examples) + 7
   row = as_jnp(pack_rows([dict(e, tokens=e["tokens"]) for e in examples], seq_len, max_segments=3))
-  packed_target = np.zeros(row["tokens"].shape, np.float32)
-  seg = np.asarray(row["segment_ids"][0])
+  packed_target = np.zeros(row.tokens.shape, np.float32)
+  seg = np.asarray(row.packing.segment_ids[0])
   for k, tgt in enumerate(targets):
     packed_target[0, seg == k + 1] = tgt
   grad = jax.jit(jax.grad(sse))
@@ -236,16 +239,17 @@ def test_padding_is_inert(model):
   seq_len = sum(len(e["tokens"]) for e in examples) + 12
   row = pack_rows(examples, seq_len, max_segments=5)  # 2 empty slots: padded cond too
   times = jnp.array([[10.0, 400.0, 800.0, 0.0, 0.0]])
-  base = model(jnp.asarray(row["tokens"]), times, as_jnp(row))
+  base = model(jnp.asarray(row.tokens), times, as_jnp(row.packing))
   rng = np.random.default_rng(4)
-  noisy = {k: v.copy() for k, v in row.items()}
-  pad = row["segment_ids"] == 0
-  noisy["tokens"][pad] = rng.normal(size=noisy["tokens"][pad].shape) * 100
-  noisy["positions"][pad] = rng.integers(0, 50, size=noisy["positions"][pad].shape)
-  cpad = row["cond_segment_ids"] == 0
-  noisy["cond"][cpad] = rng.normal(size=noisy["cond"][cpad].shape) * 100
+  noisy = jax.tree.map(np.copy, row)
+  p = noisy.packing
+  pad = row.packing.segment_ids == 0
+  noisy.tokens[pad] = rng.normal(size=noisy.tokens[pad].shape) * 100
+  p.positions[pad] = rng.integers(0, 50, size=p.positions[pad].shape)
+  cpad = row.packing.cond_segment_ids == 0
+  p.cond[cpad] = rng.normal(size=p.cond[cpad].shape) * 100
   other_times = times.at[:, 3:].set(999.0)
-  out = model(jnp.asarray(noisy["tokens"]), other_times, as_jnp(noisy))
+  out = model(jnp.asarray(noisy.tokens), other_times, as_jnp(noisy.packing))
   real = ~pad[0]
   np.testing.assert_allclose(out[0, real], base[0, real], atol=1e-6, rtol=0)
 
@@ -261,15 +265,17 @@ def test_byte_text_encoder_packs_like_any_caption():
     ex["text"] = caption_bytes(caption, 6)
   seq_len = sum(len(e["tokens"]) for e in examples) + 4
   row = as_jnp(pack_rows(examples, seq_len, max_segments=3))
-  assert row["cond"].dtype == jnp.int32 and row["cond"].shape == (1, 18)
+  p = row.packing
+  assert p.cond.dtype == jnp.int32 and p.cond.shape == (1, 18)
   times = jnp.array([[100.0, 500.0, 900.0]])
-  out = model(row["tokens"], times, row)
-  seg = np.asarray(row["segment_ids"][0])
+  out = model(row.tokens, times, p)
+  seg = np.asarray(p.segment_ids[0])
   for k, ex in enumerate(examples):
     single = alone(ex)
-    np.testing.assert_allclose(out[0, seg == k + 1], model(single["tokens"], times[:, k:k + 1], single)[0], atol=1e-5)
-  other = dict(row, cond=row["cond"].at[0, :6].set(jnp.asarray(caption_bytes("a green diamond", 6))))
-  changed = np.abs(np.asarray(model(row["tokens"], times, other) - out)).max(axis=-1)[0]
+    np.testing.assert_allclose(out[0, seg == k + 1], model(single.tokens, times[:, k:k + 1], single.packing)[0],
+                               atol=1e-5)
+  other = p.replace(cond=p.cond.at[0, :6].set(jnp.asarray(caption_bytes("a green diamond", 6))))
+  changed = np.abs(np.asarray(model(row.tokens, times, other) - out)).max(axis=-1)[0]
   assert changed[seg == 1].max() > 1e-4 and changed[seg > 1].max() == 0.0  # only example 1 moves
   np.testing.assert_array_equal(positions_in_segment(jnp.array([[1, 1, 1, 2, 2, 0]])), [[0, 1, 2, 0, 1, 0]])
 
@@ -280,13 +286,15 @@ def test_context_parallel_attention_equals_the_plain_result(model):
   mesh = M.make_mesh(MeshConfig(data=2, fsdp=1, sequence=4, tensor=1))
   examples = packed_examples(seed=6)
   row = pack_rows(examples, 96, max_segments=4)
-  batch = as_jnp({k: np.concatenate([v, v[:, ::-1] if k == "tokens" else v]) for k, v in row.items()})
+  # The second row: the same packing, other tokens (the first row's, reversed along L).
+  batch = as_jnp(PackedBatch(tokens=np.concatenate([row.tokens, row.tokens[:, ::-1]]),
+                             packing=jax.tree.map(lambda v: np.concatenate([v, v]), row.packing)))
   times = jnp.array([[100.0, 500.0, 900.0, 0.0]] * 2)
-  expect = model(batch["tokens"], times, batch)
+  expect = model(batch.tokens, times, batch.packing)
   fn = jax.jit(lambda p, *a: nnx.merge(model.graphdef, p)(*a))
   with jax.set_mesh(mesh), nnx.logical_axis_rules(M.make_rules()):
-    hlo = fn.lower(model.params, batch["tokens"], times, batch).compile().as_text()
-    got = fn(model.params, batch["tokens"], times, batch)
+    hlo = fn.lower(model.params, batch.tokens, times, batch.packing).compile().as_text()
+    got = fn(model.params, batch.tokens, times, batch.packing)
   assert "all-to-all" in hlo
   np.testing.assert_allclose(got, expect, atol=1e-5)
 
@@ -297,21 +305,21 @@ def test_splash_kernel_equals_xla_attention(model, mesh_sizes):
   padding and empty conditioning slots; alone and under shard_map on 8 devices."""
   examples = packed_examples(seed=7)
   row = pack_rows(examples, 96, max_segments=4)
-  batch = as_jnp({k: np.concatenate([v, v]) for k, v in row.items()})
+  batch = as_jnp(jax.tree.map(lambda v: np.concatenate([v, v]), row))
   times = jnp.array([[100.0, 500.0, 900.0, 0.0]] * 2)
-  expect = model(batch["tokens"], times, batch)
+  expect = model(batch.tokens, times, batch.packing)
   graphdef = nnx.graphdef(DiT(dataclasses.replace(CFG, attention="splash"), rngs=nnx.Rngs(0)))
   fn = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
   if mesh_sizes is None:
-    got = fn(model.params, batch["tokens"], times, batch)
+    got = fn(model.params, batch.tokens, times, batch.packing)
   else:
     with jax.set_mesh(M.make_mesh(MeshConfig(*mesh_sizes))), nnx.logical_axis_rules(M.make_rules()):
-      got = fn(model.params, batch["tokens"], times, batch)
-  real = np.asarray(batch["segment_ids"]) > 0
+      got = fn(model.params, batch.tokens, times, batch.packing)
+  real = np.asarray(batch.packing.segment_ids) > 0
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expect)[real], atol=2e-5)
   if mesh_sizes is None:  # and it trains: the same gradients, all finite
     def loss(g, p):
-      return jnp.sum(jnp.where(real[..., None], nnx.merge(g, p)(batch["tokens"], times, batch), 0.0) ** 2)
+      return jnp.sum(jnp.where(real[..., None], nnx.merge(g, p)(batch.tokens, times, batch.packing), 0.0) ** 2)
     g_splash = jax.jit(jax.grad(functools.partial(loss, graphdef), argnums=0))(model.params)
     g_xla = jax.jit(jax.grad(functools.partial(loss, model.graphdef), argnums=0))(model.params)
     for a, b in zip(jax.tree.leaves(g_splash), jax.tree.leaves(g_xla)):
@@ -325,12 +333,12 @@ def test_cudnn_path_passes_the_packing_mask_as_bias(model, monkeypatch):
   function's XLA implementation, which must then equal our own attention (bf16)."""
   examples = packed_examples(seed=8)
   row = pack_rows(examples, 96, max_segments=4)
-  batch = as_jnp({k: np.concatenate([v, v]) for k, v in row.items()})
+  batch = as_jnp(jax.tree.map(lambda v: np.concatenate([v, v]), row))
   times = jnp.array([[100.0, 500.0, 900.0, 0.0]] * 2)
   bf16 = dataclasses.replace(CFG, dtype="bfloat16")
   with pytest.raises(ValueError, match="model.dtype=bfloat16"):  # float32 compute: refused, not cast
     nnx.merge(nnx.graphdef(DiT(dataclasses.replace(CFG, attention="cudnn"), rngs=nnx.Rngs(0))), model.params)(
-        batch["tokens"], times, batch)
+        batch.tokens, times, batch.packing)
   calls, original = [], jax.nn.dot_product_attention
 
   def as_xla(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
@@ -341,14 +349,15 @@ def test_cudnn_path_passes_the_packing_mask_as_bias(model, monkeypatch):
   outs = {}
   for impl in ("xla", "cudnn"):
     graphdef = nnx.graphdef(DiT(dataclasses.replace(bf16, attention=impl), rngs=nnx.Rngs(0)))
-    outs[impl] = np.asarray(jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(model.params, batch["tokens"], times, batch))
-  b, length = batch["segment_ids"].shape
+    outs[impl] = np.asarray(jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(model.params, batch.tokens, times, batch.packing))
+  b, length = batch.packing.segment_ids.shape
   # Self- and cross-attention, in every layer's trace (the stacked layers trace once).
   assert {c[0] for c in calls} == {"cudnn"} and {c[1] for c in calls} == {jnp.dtype(jnp.bfloat16)}
   assert (b, 1, length, length) in {c[2] for c in calls}
   # The mask bias survives the cast to half precision as a finite number (no -inf rows).
-  bias = attention.make_mask(batch["segment_ids"], batch["segment_ids"], "cudnn").bias
+  seg = batch.packing.segment_ids
+  bias = attention.make_mask(seg, seg, "cudnn").bias
   assert np.isfinite(np.asarray(bias.astype(jnp.float16))).all() and float(bias.min()) < -1e4
-  real = np.asarray(batch["segment_ids"]) > 0
+  real = np.asarray(seg) > 0
   scale = np.abs(outs["xla"][real]).max()
   np.testing.assert_allclose(outs["cudnn"][real], outs["xla"][real], atol=0.02 * scale + 1e-2)

@@ -91,7 +91,7 @@ def fake_gcs(monkeypatch):
 
 @pytest.mark.slow
 def test_train_resume_and_sample_on_gcs(fake_gcs):
-  from src.sample import load_run
+  from src.runs import load_run
   from src.train import train
 
   train(C.load(None, TINY + ["train.steps=4"]))

@@ -7,6 +7,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from src import mesh as M
+from src.batch import Packing, PackedBatch
 from src.config import MeshConfig
 
 
@@ -40,14 +41,56 @@ def test_constrain_is_a_no_op_without_a_mesh_and_shards_with_one():
   assert y.sharding.spec == P(("data", "fsdp"), "tensor")
 
 
+def local_batch(rows=8):
+  """A host batch of `rows` rows: tokens [R, 3, 2] numbered row-major, one example per row."""
+  packing = Packing(segment_ids=np.ones((rows, 3), np.int32), positions=np.zeros((rows, 3, 3), np.int32),
+                    grid=np.ones((rows, 1, 3), np.int32), labels=np.full((rows, 1), -1, np.int32))
+  return PackedBatch(tokens=np.arange(rows * 3 * 2, dtype=np.float32).reshape(rows, 3, 2), packing=packing)
+
+
 def test_place_batch_assembles_global_rows():
   mesh = M.make_mesh(MeshConfig(data=2, fsdp=-1))
-  local = {"tokens": np.arange(8 * 3 * 2, dtype=np.float32).reshape(8, 3, 2),
-           "segment_ids": np.ones((8, 3), np.int32)}
+  local = local_batch()
   placed = M.place_batch(mesh, local)
-  assert placed["tokens"].sharding.spec == P(("data", "fsdp"), None, None)
-  assert len(placed["tokens"].addressable_shards) == 8
-  np.testing.assert_array_equal(np.asarray(placed["tokens"]), local["tokens"])
+  assert placed.tokens.sharding.spec == P(("data", "fsdp"), None, None)
+  assert placed.packing.segment_ids.sharding.spec == P(("data", "fsdp"), None)
+  assert len(placed.tokens.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(placed.tokens), local.tokens)
+  assert placed.packing.cond is None  # absent fields stay absent
+  assert M.batch_devices(mesh) == 8
+
+
+def test_act_batch_rule_moves_the_batch_placement():
+  """mesh.rules={act_batch: data}: the rows split over data only (fsdp replicates
+  them), for placed arrays and for the step's input shardings alike."""
+  mesh = M.make_mesh(MeshConfig(data=2, fsdp=4))
+  local = local_batch()
+  rules = M.make_rules({"act_batch": "data"})
+  placed = M.place_batch(mesh, local, rules)
+  assert placed.tokens.sharding.spec == P("data", None, None)
+  assert placed.packing.positions.sharding.spec == P("data", None, None)
+  assert M.batch_devices(mesh, rules) == 2
+  # Each device holds half the rows: those of its data index, whatever its fsdp index.
+  for shard in placed.tokens.addressable_shards:
+    assert shard.data.shape == (4, 3, 2)
+    np.testing.assert_array_equal(np.asarray(shard.data), local.tokens[shard.index])
+  assert {s.index[0].indices(8) for s in placed.tokens.addressable_shards} == {(0, 4, 1), (4, 8, 1)}
+  np.testing.assert_array_equal(np.asarray(placed.tokens), local.tokens)
+  shardings = M.batch_shardings(mesh, jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), local), rules)
+  assert shardings.tokens.spec == P("data", None, None) and shardings.packing.labels.spec == P("data", None)
+  # The rules of the enclosing context count too when none are given.
+  with nnx.logical_axis_rules(rules):
+    assert M.place_batch(mesh, local).tokens.sharding.spec == P("data", None, None)
+    assert M.batch_devices(mesh) == 2
+  # And the defaults are data x fsdp: 8 ways, one row per device.
+  default = M.place_batch(mesh, local)
+  assert default.tokens.sharding.spec == P(("data", "fsdp"), None, None)
+  assert all(s.data.shape == (1, 3, 2) for s in default.tokens.addressable_shards)
+  assert M.batch_devices(mesh) == 8
+  # Rows along fsdp only, or replicated.
+  assert M.batch_devices(mesh, M.make_rules({"act_batch": "fsdp"})) == 4
+  assert M.batch_devices(mesh, M.make_rules({"act_batch": None})) == 1
+  assert M.place_batch(mesh, local, M.make_rules({"act_batch": None})).tokens.sharding.spec == P(None, None, None)
 
 
 @pytest.mark.parametrize("data, fsdp, slices, expect", [

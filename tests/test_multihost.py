@@ -35,19 +35,23 @@ TIMEOUT = 900  # seconds per run: the machine is small and shared
 # The reference: one process that reads what hosts 0 and 1 of 2 would read.
 AS_TWO_HOSTS = """
 import json, sys
+import jax
 import numpy as np
-from src import tasks, train
+from src import train
+from src.tasks import DiTTask
 
-host_batches = tasks.make_batches
+host_batches = DiTTask.batches
 
 class TwoHosts:
-  def __init__(self, cfg, split):
-    self.hosts = [host_batches(cfg, split, i, 2) for i in range(2)]
+  def __init__(self, task, split):
+    self.hosts = [host_batches(task, split, i, 2) for i in range(2)]
   def __iter__(self):
     return self
   def __next__(self):
     parts = [next(h) for h in self.hosts]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return jax.tree.map(lambda *rows: np.concatenate(rows), *parts)
+  def skip_counts(self):
+    return {}
   def get_state(self):
     return json.dumps([h.get_state() for h in self.hosts]).encode()
   def set_state(self, state):
@@ -56,7 +60,7 @@ class TwoHosts:
   def start_prefetch(self):
     pass
 
-tasks.make_batches = lambda cfg, split="train", process_index=0, process_count=1: TwoHosts(cfg, split)
+DiTTask.batches = lambda task, split="train", process_index=0, process_count=1: TwoHosts(task, split)
 sys.exit(train.main(sys.argv[1:]))
 """
 

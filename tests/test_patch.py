@@ -70,7 +70,7 @@ def test_unpack_inverts_pack(data):
 
   batch = pack_rows(examples, seq_len, max_segments)
   _check_batch_layout(batch, seq_len, max_segments)
-  assert ("cond" in batch) == (text_len > 0)
+  assert (batch.packing.cond is not None) == (batch.packing.cond_segment_ids is not None) == (text_len > 0)
   restored = sorted(unpack(batch), key=lambda ex: ex["label"])  # labels are the example indices
   assert len(restored) == len(examples)
   for got, want in zip(restored, examples):
@@ -80,25 +80,26 @@ def test_unpack_inverts_pack(data):
 
 
 def _check_batch_layout(batch, seq_len, max_segments):
-  rows = batch["tokens"].shape[0]
-  assert batch["segment_ids"].shape == (rows, seq_len)
-  assert batch["grid"].shape == (rows, max_segments, 3)
-  for key, dtype in [("tokens", np.float32), ("segment_ids", np.int32), ("positions", np.int32), ("grid", np.int32)]:
-    assert batch[key].dtype == dtype
-  seg = batch["segment_ids"]
+  p = batch.packing
+  rows = batch.tokens.shape[0]
+  assert p.segment_ids.shape == (rows, seq_len)
+  assert p.grid.shape == (rows, max_segments, 3)
+  for array, dtype in [(batch.tokens, np.float32), (p.segment_ids, np.int32), (p.positions, np.int32), (p.grid, np.int32)]:
+    assert array.dtype == dtype
+  seg = p.segment_ids
   pad = seg == 0
-  assert not np.any(batch["tokens"][pad]) and not np.any(batch["positions"][pad])
+  assert not np.any(batch.tokens[pad]) and not np.any(p.positions[pad])
   # Real tokens' positions lie inside their own example's grid.
-  own_grid = np.take_along_axis(batch["grid"], np.maximum(seg - 1, 0)[..., None], axis=1)  # [R, L, 3]
-  assert np.all((batch["positions"] < own_grid)[~pad]) and np.all(batch["positions"] >= 0)
+  own_grid = np.take_along_axis(p.grid, np.maximum(seg - 1, 0)[..., None], axis=1)  # [R, L, 3]
+  assert np.all((p.positions < own_grid)[~pad]) and np.all(p.positions >= 0)
   used = seg.max(axis=1)  # segments per row; ids are 1..k in order, padding at the end
   for r in range(rows):
     real = ~pad[r]
     assert np.all(real[: real.sum()]) and np.all(np.diff(seg[r][real]) >= 0)  # segments in order, then padding
-    assert np.all(batch["grid"][r, used[r] :] == 0) and np.all(batch["labels"][r, used[r] :] == -1)
-  if "cond" in batch:
-    cseg = batch["cond_segment_ids"]
-    assert not np.any(batch["cond"][cseg == 0])
+    assert np.all(p.grid[r, used[r] :] == 0) and np.all(p.labels[r, used[r] :] == -1)
+  if p.cond is not None:
+    cseg = p.cond_segment_ids
+    assert not np.any(p.cond[cseg == 0])
     assert np.array_equal(cseg.max(axis=1), used)
 
 
@@ -109,8 +110,8 @@ def test_first_fit_fills_earlier_rows_first():
   rng = np.random.default_rng(3)
   examples = [_example(rng, (1, 1, n), (1, 1, 1), 2, i) for i, n in enumerate([6, 6, 4])]
   batch = pack_rows(examples, seq_len=11, max_segments=3)
-  np.testing.assert_array_equal(batch["labels"], [[0, 2, -1], [1, -1, -1]])
-  np.testing.assert_array_equal(batch["segment_ids"][0], [1] * 6 + [2] * 4 + [0])
+  np.testing.assert_array_equal(batch.packing.labels, [[0, 2, -1], [1, -1, -1]])
+  np.testing.assert_array_equal(batch.packing.segment_ids[0], [1] * 6 + [2] * 4 + [0])
 
 
 def test_oversize_example_is_an_error():
@@ -124,8 +125,8 @@ def test_num_rows_pads_and_bounds():
   rng = np.random.default_rng(5)
   examples = [_example(rng, (1, 2, 2), (1, 1, 1), 1, i) for i in range(3)]
   batch = pack_rows(examples, seq_len=4, max_segments=2, num_rows=4)
-  assert batch["tokens"].shape == (4, 4, 1)
-  assert np.all(batch["segment_ids"][3] == 0) and np.all(batch["labels"][3] == -1)
+  assert batch.tokens.shape == (4, 4, 1)
+  assert np.all(batch.packing.segment_ids[3] == 0) and np.all(batch.packing.labels[3] == -1)
   with pytest.raises(ValueError, match="need 3 rows"):
     pack_rows(examples, seq_len=4, max_segments=2, num_rows=2)
 

@@ -12,7 +12,8 @@ from flax import nnx
 from src import config as C
 from src.data.sources import make_source, value_histogram
 from src.models.dit import DiT
-from src.sample import Spec, generate, load_run, pack_specs
+from src.generate import Spec, generate, pack_specs
+from src.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,17 +31,20 @@ def test_load_run_reads_only_the_weights_asked_for(tmp_path, monkeypatch):
   from src import mesh as mesh_lib
   from src import optim
   from src.checkpoint import Checkpointer
-  from src.train import init_state
+  from src.state import init_state
+  from src.tasks import make_task
 
   cfg = C.load(None, ["model.variant=tiny", "model.num_classes=5", "data.channels=4"])
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  _, state = init_state(cfg, mesh, mesh_lib.make_rules(), optim.make_optimizer(cfg.optim, cfg.train.steps))
+  optimizer, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  _, state = init_state(make_task(cfg), mesh, mesh_lib.make_rules(), optimizer, cfg.seed)
   state = state.replace(ema=jax.tree.map(lambda x: x + 1.0, state.params))  # EMA != raw weights
   ckpt = Checkpointer(tmp_path)
   ckpt.save(7, state, None, C.to_dict(cfg), force=True)
   ckpt.close()
 
-  monkeypatch.setattr("src.train.init_state", None)  # sampling must not build a train state
+  monkeypatch.setattr("src.state.init_state", None)  # sampling must not build a train state
+  monkeypatch.setattr("src.state.create_model", None)
   for use_ema, want in ((True, state.ema), (False, state.params)):
     _, graphdef, params = load_run(tmp_path, use_ema=use_ema)
     assert jax.tree.structure(params) == jax.tree.structure(want)
@@ -54,7 +58,7 @@ def test_one_call_generates_several_sizes():
   graphdef, params = nnx.split(DiT(cfg.model, rngs=nnx.Rngs(0)))
   specs = [Spec((2, 8, 6), 1, "a red disc"), Spec((1, 4, 8), -1, None), Spec((3, 4, 4), 2, "two blue squares")]
   batch, drop, order = pack_specs(cfg, specs)
-  assert batch["tokens"].shape[1] == max(2 * 4 * 3, 1 * 2 * 4, 3 * 2 * 2)
+  assert batch.tokens.shape[1] == max(2 * 4 * 3, 1 * 2 * 4, 3 * 2 * 2)
   assert drop.sum() == 1  # only the spec with neither label nor caption is unconditional
   videos = generate(graphdef, params, cfg, specs, steps=3, guidance=2.0)
   assert [v.shape for v in videos] == [(2, 8, 6, 4), (1, 4, 8, 4), (3, 4, 4, 4)]

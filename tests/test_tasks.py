@@ -1,11 +1,18 @@
-"""The VAE in training: task vae learns; the DiT trains on pixels encoded in the step."""
+"""The task objects (src/tasks): which one a config gets, their batch shapes from the
+config, their losses and checks; and the VAE in training: task vae learns, the DiT
+trains on pixels encoded in the step and on a latent cache."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from src import config as C
+from src.batch import Packing
+from src.tasks import DiTTask, PixelDiTTask, VAETask, make_task
 from src.train import train
 
 TINY_VAE = ["vae.base_dim=8", "vae.z_dim=4", "vae.dim_mult=[1,2,2,2]", "vae.num_res_blocks=1",
@@ -30,8 +37,8 @@ def test_task_vae_learns_the_synthetic_clips(tmp_path):
 
 @pytest.mark.slow
 def test_dit_trains_on_pixels_encoded_in_the_step_and_samples_pixels(tmp_path):
-  from src.sample import generate, load_run, load_vae_for
-  from src.tasks import sample_specs
+  from src.generate import generate
+  from src.runs import load_task_run
 
   cfg = C.load(None, TINY_VAE + [
       f"workdir={tmp_path}", "vae.enabled=true", "model.variant=tiny", "model.in_channels=4",
@@ -39,18 +46,18 @@ def test_dit_trains_on_pixels_encoded_in_the_step_and_samples_pixels(tmp_path):
   ])
   metrics = train(cfg)
   assert np.isfinite(metrics["loss"]) and metrics["tokens_per_s"] > 0
-  cfg, graphdef, params = load_run(tmp_path)
-  specs = sample_specs(cfg, 2)
+  cfg, task, graphdef, params = load_task_run(tmp_path)
+  specs = task.sample_specs(2)
   assert specs[0].shape == (2, 2, 2)  # 5 frames at 16x16 -> 2 latent frames at 2x2
-  videos = generate(graphdef, params, cfg, specs, steps=2, vae=load_vae_for(cfg))
+  videos = generate(graphdef, params, cfg, specs, steps=2, vae=task.decoder())
   assert videos[0].shape == (5, 16, 16, 3)
 
 
 def test_bad_vae_shapes_fail_at_start_up():
   with pytest.raises(C.ConfigError, match="1 \\+ 4k frames"):
-    C.load(None, TINY_VAE + ["vae.enabled=true", "data.frames=4", "model.in_channels=4"])
+    make_task(C.load(None, TINY_VAE + ["vae.enabled=true", "data.frames=4", "model.in_channels=4"]))
   with pytest.raises(C.ConfigError, match="vae.z_dim"):
-    C.load(None, TINY_VAE + ["vae.enabled=true", "model.in_channels=16"])
+    make_task(C.load(None, TINY_VAE + ["vae.enabled=true", "model.in_channels=16"]))
 
 
 @pytest.mark.slow
@@ -73,4 +80,89 @@ def test_latent_cache_round_trip_trains_a_packed_dit(tmp_path):
       f"workdir={tmp_path / 'run'}", "data.source=latents", f"data.data_dir={tmp_path / 'cache'}",
       "data.channels=4", "model.in_channels=4", "model.variant=tiny", "train.steps=3", "train.log_every=3"])
   metrics = train(cfg)
-  assert np.isfinite(metrics["loss"]) and metrics["compiled_programs"] == 1
+  assert np.isfinite(metrics["loss"])
+
+
+# The task objects themselves.
+
+LATENT_DIT = ["model.variant=tiny", "model.num_classes=10", "model.cond_dim=8", "data.text_len=4",
+              "data.area=64", "data.frame_counts=[1,2]", "data.seq_len=96", "data.max_segments=4", "data.batch_size=4"]
+PIXEL_DIT = TINY_VAE + ["vae.enabled=true", "model.variant=tiny", "model.in_channels=4", "model.patch=[1,1,1]",
+                        "model.cond_dim=8", "data.text_len=4", "data.batch_size=4"]
+VAE = TINY_VAE + ["task=vae", "data.batch_size=4"]
+
+
+@pytest.mark.parametrize("overrides, kind", [
+    ([], DiTTask), (LATENT_DIT, DiTTask), (PIXEL_DIT, PixelDiTTask), (VAE, VAETask),
+    (PIXEL_DIT + ["data.source=latents", "data.channels=4"], DiTTask),  # a latent cache is latents already
+])
+def test_make_task_picks_the_task(overrides, kind):
+  assert type(make_task(C.load(None, overrides))) is kind
+
+
+@pytest.mark.parametrize("overrides", [LATENT_DIT, PIXEL_DIT, VAE], ids=["dit", "pixel_dit", "vae"])
+def test_batch_shapes_from_the_config_are_the_batches_shapes(overrides):
+  """What the step is compiled for (no data read) is what the pipeline delivers."""
+  task = make_task(C.load(None, overrides))
+  batch = next(task.batches())
+  spec = task.batch_shapes()
+  assert jax.tree.structure(batch) == jax.tree.structure(spec)
+  for got, want in zip(jax.tree.leaves(batch), jax.tree.leaves(spec)):
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+  real, total = task.count_tokens(batch)
+  assert 0 < real <= total
+
+
+def test_dit_tokens_are_the_real_ones_of_the_rows():
+  task = make_task(C.load(None, LATENT_DIT))
+  batch = next(task.batches())
+  seg = batch.packing.segment_ids
+  assert task.count_tokens(batch) == (int((seg > 0).sum()), seg.size)
+
+
+@pytest.mark.parametrize("overrides", [LATENT_DIT, PIXEL_DIT], ids=["dit", "pixel_dit"])
+def test_the_model_never_sees_the_clean_tokens(overrides):
+  """The DiT is called with the noisy tokens, the time and the packing only."""
+  task = make_task(C.load(None, overrides))
+  model = task.build_model(nnx.Rngs(0))
+  frozen = task.load_frozen()
+  batch = jax.tree.map(jnp.asarray, next(task.batches()))
+  clean = task.to_tokens(batch, jax.random.split(jax.random.key(3), 4)[3], frozen).tokens
+  calls = []
+
+  def spy(tokens, time, packing, drop=None):
+    calls.append((tokens, packing))
+    return jnp.zeros_like(tokens)
+
+  loss = task.loss(spy, batch, jax.random.key(3), frozen)
+  (tokens, packing), = calls
+  assert isinstance(packing, Packing) and not hasattr(packing, "tokens")
+  assert tokens.shape == clean.shape and float(jnp.abs(tokens - clean).max()) > 0.1
+  assert np.isfinite(float(loss)) and float(loss) > 0  # a zero prediction of a nonzero target
+  del model
+
+
+def test_abstract_frozen_is_the_loaded_frozen_as_shapes():
+  task = make_task(C.load(None, PIXEL_DIT))
+  real, abstract = task.load_frozen(), task.abstract_frozen()
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), real.params) == jax.tree.map(lambda x: (x.shape, x.dtype),
+                                                                                 abstract.params)
+  assert make_task(C.load(None, LATENT_DIT)).abstract_frozen() is None
+
+
+def test_eval_levels_and_sample_specs():
+  task = make_task(C.load(None, PIXEL_DIT + ["train.eval_times=[0.25,0.75]"]))
+  assert task.eval_levels() == {"loss_t0.25": 0.25, "loss_t0.75": 0.75}
+  specs = task.sample_specs(3)
+  assert len(specs) == 3 and all(s.shape == (2, 2, 2) for s in specs)  # 5 px frames at 16x16 -> latents
+  assert all(s.caption for s in specs) and all(s.label == -1 for s in specs)  # captions, no class table
+  assert make_task(C.load(None, VAE)).eval_levels() == {"loss_t0": 0.0}
+
+
+def test_task_checks_name_the_keys():
+  with pytest.raises(C.ConfigError, match="model.in_channels"):
+    make_task(C.load(None, ["data.channels=3"]))
+  with pytest.raises(C.ConfigError, match="data.seq_len"):
+    make_task(C.load(None, LATENT_DIT + ["data.seq_len=16"]))
+  with pytest.raises(C.ConfigError, match="vae.in_channels"):
+    make_task(C.load(None, VAE + ["data.channels=4"]))

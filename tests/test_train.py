@@ -11,8 +11,9 @@ from src import config as C
 from src import mesh as M
 from src import optim
 from src.data.pipeline import make_iterator
-from src.models.dit import DiT
-from src.train import abstract_state, compile_step, init_state, train
+from src.state import abstract_state, compile_step, init_state
+from src.tasks import make_task
+from src.train import train
 
 TINY = [
     "model.variant=tiny", "model.num_classes=10", "model.cond_dim=16", "model.patch=[1,2,2]",
@@ -28,14 +29,14 @@ def tiny(tmp_path, *overrides):
 
 def one_step(cfg, mesh):
   """(loss, params before, params after) of one train step on `mesh`."""
-  rules = M.make_rules(cfg.mesh.rules)
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, state = init_state(cfg, mesh, rules, optimizer)
+  rules, task = M.make_rules(cfg.mesh.rules), make_task(cfg)
+  optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
   before = jax.tree.map(np.asarray, state.params)
-  batch = next(make_iterator(cfg.data, cfg.model.patch, cfg.model.cond_dim, cfg.seed))
-  step = compile_step(cfg, mesh, graphdef, state, optimizer, batch)
+  batch = next(task.batches())
+  step = compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    state, metrics = step(state, M.place_batch(mesh, batch), None)
+    state, metrics = step(state, M.place_batch(mesh, batch, rules), None)
   return float(metrics["loss"]), graphdef, before, state.params, batch
 
 
@@ -44,9 +45,9 @@ def test_first_step_moves_the_zero_output(tmp_path):
   mesh = M.make_mesh(cfg.mesh, jax.devices()[:1])
   loss, graphdef, before, after, batch = one_step(cfg, mesh)
   assert np.isfinite(loss)
-  t = np.full(batch["grid"].shape[:2], 500.0, np.float32)
-  out0 = nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, before))(batch["tokens"], t, batch)
-  out1 = nnx.merge(graphdef, after)(batch["tokens"], t, batch)
+  t = np.full(batch.packing.grid.shape[:2], 500.0, np.float32)
+  out0 = nnx.merge(graphdef, jax.tree.map(jax.numpy.asarray, before))(batch.tokens, t, batch.packing)
+  out1 = nnx.merge(graphdef, after)(batch.tokens, t, batch.packing)
   assert not np.any(np.asarray(out0))
   assert float(np.abs(np.asarray(out1)).max()) > 0
 
@@ -92,7 +93,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     cfg = tiny(workdir, f"train.steps={2 * n}")
     mesh = M.make_mesh(cfg.mesh)
     rules = M.make_rules()
-    graphdef, like = abstract_state(cfg, mesh, rules, optim.make_optimizer(cfg.optim, cfg.train.steps))
+    graphdef, like = abstract_state(make_task(cfg), mesh, rules, optim.make_optimizer(cfg.optim, cfg.train.steps)[0])
     from src.checkpoint import Checkpointer
     ckpt = Checkpointer(workdir)
     state = ckpt.restore(like)
@@ -135,20 +136,37 @@ def test_mixed_shapes_compile_the_step_once(tmp_path):
   it = make_iterator(cfg.data, cfg.model.patch, cfg.model.cond_dim, cfg.seed)
   for _ in range(8):
     batch = next(it)
-    seen |= {tuple(g) for g in batch["grid"].reshape(-1, 3) if g.any()}
+    seen |= {tuple(g) for g in batch.packing.grid.reshape(-1, 3) if g.any()}
   assert len(seen) >= 5  # the stream really mixes shapes, images included
   assert any(g[0] == 1 for g in seen)
-  metrics = train(cfg)
-  assert metrics["compiled_programs"] == 1
+  metrics = train(cfg)  # the step is compiled once, from the config's shapes: see the test below
   assert np.isfinite(metrics["loss"]) and 0 < metrics["padding_fraction"] < 0.5
+
+
+def test_the_step_compiles_from_the_config_and_refuses_other_shapes(tmp_path):
+  """The step is compiled before any batch exists, from `task.batch_shapes()`; a batch of
+  another shape is an error, never a silent recompile."""
+  cfg = tiny(tmp_path)
+  mesh, rules, task = M.make_mesh(cfg.mesh, jax.devices()[:1]), M.make_rules(), make_task(cfg)
+  optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
+  step = compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
+  batch = next(task.batches())
+  assert jax.tree.map(lambda x: x.shape, batch) == jax.tree.map(lambda x: x.shape, task.batch_shapes())
+  longer = next(make_task(tiny(tmp_path, "data.seq_len=40")).batches())  # rows of 40 tokens, not 32
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    with pytest.raises((TypeError, ValueError)):
+      step(state, M.place_batch(mesh, longer, rules), None)
+    state, metrics = step(state, M.place_batch(mesh, batch, rules), None)
+  assert np.isfinite(float(metrics["loss"]))
 
 
 def test_optimizer_moments_are_sharded_like_their_parameters(tmp_path):
   """Adam's moments must not be replicated: they are 2x the parameters' memory."""
   cfg = tiny(tmp_path, "model.width=128", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
   mesh = M.make_mesh(cfg.mesh)
-  optimizer = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  _, state = init_state(cfg, mesh, M.make_rules(), optimizer)
+  optimizer, _ = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  _, state = init_state(make_task(cfg), mesh, M.make_rules(), optimizer, cfg.seed)
   param_specs = [p.sharding.spec for p in jax.tree.leaves(state.params)]
   moments = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
              if any(getattr(k, "name", None) in ("mu", "nu") for k in path)]

@@ -9,6 +9,7 @@ import collections
 import io
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -111,6 +112,13 @@ def _cfg(data_dir, **kw):
 
 def _names(stream, count):
   return [bytes(stream[i]["filename"]).decode() for i in range(count)]
+
+
+def _assert_batches_equal(a, b):
+  for x, y in zip(a, b, strict=True):
+    assert jax.tree.structure(x) == jax.tree.structure(y)  # the same fields present
+    for (path, u), v in zip(jax.tree_util.tree_flatten_with_path(x)[0], jax.tree.leaves(y)):
+      np.testing.assert_array_equal(u, v, err_msg=jax.tree_util.keystr(path))
 
 
 # Decoding.
@@ -291,9 +299,7 @@ def test_resume_is_exact_with_worker_processes(folder):
   fresh = make_iterator(cfg, PATCH, cond_dim=3, seed=0)
   fresh.set_state(state)
   assert fresh.skip_counts() == state["skipped"]
-  for a, b in zip(expected, [next(fresh) for _ in range(3)], strict=True):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  _assert_batches_equal(expected, [next(fresh) for _ in range(3)])
   assert fresh.skip_counts() == it.skip_counts()
   it.close()
   fresh.close()
@@ -363,9 +369,11 @@ def test_clip_batches_from_uint8_and_float_sources(folder):
   seen = collections.Counter()
   for _ in range(5):  # 10 clips: past the folder's 9 good files (3 images), its whole first epoch
     batch = next(it)
-    assert batch["video"].shape == (2, 2, 8, 8, 3) and batch["video"].dtype == np.float32
-    assert np.abs(batch["video"]).max() <= 1 and batch["cond"].shape == (2, 4, 3)
-    seen.update(batch["labels"][:, 0].tolist())
+    assert batch.video.shape == (2, 2, 8, 8, 3) and batch.video.dtype == np.float32
+    assert np.abs(batch.video).max() <= 1 and batch.cond.shape == (2, 4, 3)
+    assert batch.labels.shape == (2, 1) and batch.labels.dtype == np.int32
+    np.testing.assert_array_equal(batch.cond_segment_ids, np.ones((2, 4), np.int32))
+    seen.update(batch.labels[:, 0].tolist())
   assert set(seen) == {labels[n] for n in GOOD}
   # Counted exactly: the bad files among the stream positions consumed.
   consumed = _names(host_stream(_cfg(data_dir, **fixed), seed=0, spatial_multiple=2), it.get_state()["next_index"])
@@ -376,25 +384,23 @@ def test_clip_batches_from_uint8_and_float_sources(folder):
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
   fresh = make_clip_iterator(_cfg(data_dir, **fixed), cond_dim=3, seed=0, spatial_multiple=2)
-  with pytest.raises(ValueError, match="older clip pipeline"):
-    fresh.set_state({"parent": state["parent"]})
   fresh.set_state(state)
   assert fresh.skip_counts() == counts
-  for a, b in zip(expected, [next(fresh) for _ in range(3)], strict=True):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  _assert_batches_equal(expected, [next(fresh) for _ in range(3)])
 
   mixture = [{"source": "synthetic"}, {"source": "folder", "data_dir": str(data_dir)}]
   it = make_clip_iterator(_cfg("", source="mixture", mixture=mixture, **fixed), cond_dim=0, seed=0, spatial_multiple=2)
   for _ in range(6):
-    video = next(it)["video"]
+    batch = next(it)
+    assert batch.cond is None and batch.cond_segment_ids is None  # cond_dim=0: no caption tokens
+    video = batch.video
     assert video.shape == (2, 2, 8, 8, 3) and video.dtype == np.float32 and np.abs(video).max() <= 1
   u8 = {"video": np.full((1, 2, 2, 3), 255, np.uint8), "labels": np.ones(1, np.int32)}
   f32 = {"video": np.full((1, 2, 2, 3), -0.5, np.float32), "labels": np.zeros(1, np.int32)}
-  assert _stack([u8, u8])["video"].dtype == np.float32 and _stack([u8, u8])["video"].min() == 1.0
+  assert _stack([u8, u8]).video.dtype == np.float32 and _stack([u8, u8]).video.min() == 1.0
   mixed = _stack([u8, f32])
-  assert mixed["video"].dtype == np.float32 and mixed["video"][0].min() == 1.0 and mixed["video"][1].max() == -0.5
-  assert mixed["labels"].tolist() == [[1], [0]]
+  assert mixed.video.dtype == np.float32 and mixed.video[0].min() == 1.0 and mixed.video[1].max() == -0.5
+  assert mixed.labels.tolist() == [[1], [0]]
 
 
 def test_clip_batches_fail_at_start_up_when_nothing_is_usable(tmp_path):

@@ -1,12 +1,18 @@
-"""grain input pipeline: records -> host-local packed batches (DESIGN.md, "Data").
+"""grain input pipelines: records -> host-local batches (docs/architecture.md, "Data").
+
+Both pipelines, the packed token batches made here and the fixed-shape pixel clips of
+`src.data.clips`, read one example stream (`example_stream`) and batch it in one kind of
+iterator (`BatchIterator`), so that sharding, shuffling, decoding, transport, skip
+counting and resume work the same way for both:
 
     source -> this host's shard -> shuffle(seed) -> repeat forever
            (mixture: each source so, then interleaved by weight)
            -> decode, sample frames, resize/crop, flip      [MapDataset, by index]
-           -> patchify, token drop (+ caption embedding)
+           -> per-record transform: here patchify, token drop
+              (+ caption embedding)
            -> to_iter_dataset -> mp_prefetch (num_workers > 0)
            -> drop and count bad records; uint8 pixels to
-              float32 [-1, 1]; best-fit-decreasing
+              float32 [-1, 1]; here best-fit-decreasing
               packing of a buffered window into `rows` rows
               of L tokens                                   [main process]
 
@@ -27,15 +33,15 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import numpy as np
 from absl import flags
 
+from src.batch import PackedBatch, row_shape
 from src.config import DataConfig
 from src.data.sources import caption_tokens, make_source, mixture_parts
 from src.data.video import DECODE_SEED_OFFSET, ClipDecoder, to_unit_range
@@ -109,72 +115,6 @@ class SkipCounter:
                   f": {marker['detail']}" if marker["detail"] else "", n, reason)
 
 
-def _unit_range(example: dict) -> dict:
-  """Decoded pixels cross from the workers as uint8 (4x fewer bytes than float32) and
-  become float32 in [-1, 1] here, in the main process."""
-  return {**example, "tokens": to_unit_range(example["tokens"])}
-
-
-class _PackIterator(grain.DatasetIterator):
-  """Best-fit-decreasing packing of a buffered window of examples into `rows` rows.
-
-  Each batch: top the buffer up to `buffer_tokens` tokens (and at least `rows`
-  examples), place the overdue ones (waited
-  `max_wait` batches) first and the rest largest first, each into the row it fills
-  best; what fits nowhere waits for the next batch. The state is the parent's position
-  plus the stream indices of the waiting examples, which are re-read by index from the
-  random-access dataset on restore: resume is exact, whatever the worker count.
-  Skipped records take a stream index too, so indices stay those of the dataset.
-  """
-
-  def __init__(self, parent, examples: grain.MapDataset, rows: int, seq_len: int,
-               max_segments: int, buffer_tokens: int, max_wait: int, log_every: int = 0):
-    super().__init__(parent)
-    self._examples = examples
-    self._rows, self._seq_len, self._max_segments = rows, seq_len, max_segments
-    self._buffer_tokens, self._max_wait = buffer_tokens, max_wait
-    self._pending: list[tuple[int, int, dict]] = []  # (stream index, batches waited, example)
-    self._skips = SkipCounter()
-    self._meter = Throughput(log_every)
-
-  def __next__(self) -> dict:
-    start = time.perf_counter()
-    tokens = sum(len(ex["tokens"]) for _, _, ex in self._pending)
-    while tokens < self._buffer_tokens or len(self._pending) < self._rows:
-      index, example = self._next_example()
-      self._pending.append((index, 0, example))
-      tokens += len(example["tokens"])
-    rows = plan_rows([len(ex["tokens"]) for _, _, ex in self._pending], [age for _, age, _ in self._pending],
-                     self._seq_len, self._max_segments, self._rows, self._max_wait)
-    placed = sorted((r, idx, j) for j, ((idx, _, _), r) in enumerate(zip(self._pending, rows)) if r >= 0)
-    if not placed:
-      raise RuntimeError("packing placed no example: an example is larger than data.seq_len")
-    batch = pack_rows([self._pending[j][2] for _, _, j in placed], self._seq_len, self._max_segments,
-                      num_rows=self._rows, rows=[r for r, _, _ in placed])  # by row, then stream order
-    taken = {j for _, _, j in placed}
-    self._pending = [(idx, age + 1, ex) for j, (idx, age, ex) in enumerate(self._pending) if j not in taken]
-    self._meter.add(len(placed), time.perf_counter() - start, self._skips.counts)
-    return batch
-
-  def _next_example(self) -> tuple[int, dict]:
-    """(stream index, example) of the next usable record; bad ones are counted."""
-    index, example = self._skips.next_usable(self._parent)
-    return index, _unit_range(example)
-
-  def skip_counts(self) -> dict[str, int]:
-    """Records skipped so far (over the whole run, resumes included), by reason."""
-    return dict(self._skips.counts)
-
-  def get_state(self) -> dict:
-    return {"parent": self._parent.get_state(), "next_index": self._skips.position,
-            "pending": [[idx, age] for idx, age, _ in self._pending], "skipped": dict(self._skips.counts)}
-
-  def set_state(self, state: dict) -> None:
-    self._parent.set_state(state["parent"])
-    self._pending = [(idx, age, _unit_range(self._examples[idx])) for idx, age in state["pending"]]
-    self._skips = SkipCounter(state["next_index"], state.get("skipped", {}))  # absent in older checkpoints
-
-
 class Throughput:
   """Logs clips/s every `every` batches, and the share of that time the consumer
   spent waiting inside `next()` (near 0: the pipeline keeps up)."""
@@ -196,16 +136,97 @@ class Throughput:
     self._reset()
 
 
-class PackIterDataset(grain.IterDataset):
-  """Packs a stream of examples into batches of `rows` rows (see `_PackIterator`)."""
+class BatchIterator(grain.DatasetIterator):
+  """Batches built in the main process from an `example_stream`: the base of both
+  pipelines' iterators (packed rows here, fixed-shape clips in `src.data.clips`).
 
-  def __init__(self, parent: grain.IterDataset, examples: grain.MapDataset, rows: int, seq_len: int,
-               max_segments: int, buffer_tokens: int, max_wait: int, log_every: int = 0):
+  The skip markers that come through the workers are counted here, so the counts
+  (`skip_counts()`) are exact for any worker count; each batch is metered
+  (`Throughput`). The state is the parent's position, the stream index of the next
+  record and the counts; a subclass that holds examples between batches adds them.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, log_every: int = 0):
     super().__init__(parent)
-    self._args = (examples, rows, seq_len, max_segments, buffer_tokens, max_wait, log_every)
+    self._skips = SkipCounter()
+    self._meter = Throughput(log_every)
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return _PackIterator(self._parent.__iter__(), *self._args)
+  def __next__(self) -> Any:
+    start = time.perf_counter()
+    batch, examples = self._next_batch()
+    self._meter.add(examples, time.perf_counter() - start, self._skips.counts)
+    return batch
+
+  def _next_batch(self) -> tuple[Any, int]:
+    """(the next batch, the examples in it)."""
+    raise NotImplementedError
+
+  def _next_usable(self) -> tuple[int, dict]:
+    """(stream index, record) of the next usable record; bad ones are counted."""
+    return self._skips.next_usable(self._parent)
+
+  def skip_counts(self) -> dict[str, int]:
+    """Records skipped so far (over the whole run, resumes included), by reason."""
+    return dict(self._skips.counts)
+
+  def get_state(self) -> dict:
+    return {"parent": self._parent.get_state(), "next_index": self._skips.position,
+            "skipped": dict(self._skips.counts)}
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state["parent"])
+    self._skips = SkipCounter(state["next_index"], state["skipped"])
+
+
+def _unit_range(example: dict) -> dict:
+  """Decoded pixels cross from the workers as uint8 (4x fewer bytes than float32) and
+  become float32 in [-1, 1] here, in the main process."""
+  return {**example, "tokens": to_unit_range(example["tokens"])}
+
+
+class _PackIterator(BatchIterator):
+  """Best-fit-decreasing packing of a buffered window of examples into `rows` rows.
+
+  Each batch: top the buffer up to `buffer_tokens` tokens (and at least `rows`
+  examples), place the overdue ones (waited `max_wait` batches) first and the rest
+  largest first, each into the row it fills best; what fits nowhere waits for the next
+  batch. The state adds the stream indices of the waiting examples, which are re-read
+  by index from the random-access dataset on restore: resume is exact, whatever the
+  worker count. Skipped records take a stream index too, so indices stay those of
+  the dataset.
+  """
+
+  def __init__(self, parent, examples: grain.MapDataset, rows: int, seq_len: int,
+               max_segments: int, buffer_tokens: int, max_wait: int, log_every: int = 0):
+    super().__init__(parent, log_every)
+    self._examples = examples
+    self._rows, self._seq_len, self._max_segments = rows, seq_len, max_segments
+    self._buffer_tokens, self._max_wait = buffer_tokens, max_wait
+    self._pending: list[tuple[int, int, dict]] = []  # (stream index, batches waited, example)
+
+  def _next_batch(self) -> tuple[PackedBatch, int]:
+    tokens = sum(len(ex["tokens"]) for _, _, ex in self._pending)
+    while tokens < self._buffer_tokens or len(self._pending) < self._rows:
+      index, example = self._next_usable()
+      self._pending.append((index, 0, _unit_range(example)))
+      tokens += len(example["tokens"])
+    rows = plan_rows([len(ex["tokens"]) for _, _, ex in self._pending], [age for _, age, _ in self._pending],
+                     self._seq_len, self._max_segments, self._rows, self._max_wait)
+    placed = sorted((r, idx, j) for j, ((idx, _, _), r) in enumerate(zip(self._pending, rows)) if r >= 0)
+    if not placed:
+      raise RuntimeError("packing placed no example: an example is larger than data.seq_len")
+    batch = pack_rows([self._pending[j][2] for _, _, j in placed], self._seq_len, self._max_segments,
+                      num_rows=self._rows, rows=[r for r, _, _ in placed])  # by row, then stream order
+    taken = {j for _, _, j in placed}
+    self._pending = [(idx, age + 1, ex) for j, (idx, age, ex) in enumerate(self._pending) if j not in taken]
+    return batch, len(placed)
+
+  def get_state(self) -> dict:
+    return {**super().get_state(), "pending": [[idx, age] for idx, age, _ in self._pending]}
+
+  def set_state(self, state: dict) -> None:
+    super().set_state(state)
+    self._pending = [(idx, age, _unit_range(self._examples[idx])) for idx, age in state["pending"]]
 
 
 def allow_unparsed_absl_flags() -> None:
@@ -213,14 +234,6 @@ def allow_unparsed_absl_flags() -> None:
   parsed (google/grain#1355, fixed after 0.2.18); programs without absl.app need this."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-
-
-def row_shape(data_cfg: DataConfig, patch: Sequence[int]) -> tuple[int, int]:
-  """(L, K). seq_len == 0: one example of the configured shape per row, no padding."""
-  if data_cfg.seq_len > 0:
-    return data_cfg.seq_len, data_cfg.max_segments
-  grid = (data_cfg.frames, data_cfg.height, data_cfg.width)
-  return math.prod(g // p for g, p in zip(grid, patch)), 1
 
 
 def host_stream(data_cfg: DataConfig, seed: int, spatial_multiple: int, split: str = "train",
@@ -262,6 +275,38 @@ def probe(records: grain.MapDataset, decoder: ClipDecoder, data_cfg: DataConfig)
       "set data.require_caption=false.")
 
 
+def host_rows(data_cfg: DataConfig, process_index: int, process_count: int) -> int:
+  """Rows of this host's batches: its share of the global data.batch_size."""
+  if data_cfg.batch_size % process_count:
+    raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by {process_count} processes")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
+  return data_cfg.batch_size // process_count
+
+
+def example_stream(data_cfg: DataConfig, decoder: ClipDecoder, transform: Callable[[dict, np.random.Generator], dict],
+                   seed: int, spatial_multiple: int, rows: int, split: str = "train", process_index: int = 0,
+                   process_count: int = 1) -> tuple[grain.MapDataset, grain.IterDataset]:
+  """The examples of both pipelines: (by index, as a stream read ahead).
+
+  This host's `host_stream` (probed with `decoder`), decoded after the shuffle so that
+  each epoch draws new frames and crops, then `transform(record, rng)` per record;
+  both pass skip markers through, to be counted by a `BatchIterator`. The stream reads
+  `data.prefetch` batches of `rows` ahead, in `data.num_workers` processes if > 0.
+  The random-access examples let an iterator re-read, on restore, ones it held.
+  """
+  records = host_stream(data_cfg, seed, spatial_multiple, split, process_index, process_count, probe_with=decoder)
+  decoded = records.random_map(decoder, seed=seed + DECODE_SEED_OFFSET)
+  examples = decoded.random_map(transform, seed=seed)
+  buffer = data_cfg.prefetch * rows  # examples read ahead per process
+  ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=min(1, buffer), prefetch_buffer_size=buffer))
+  if data_cfg.num_workers > 0:
+    allow_unparsed_absl_flags()
+    options = grain.MultiprocessingOptions(num_workers=data_cfg.num_workers, per_worker_buffer_size=max(1, buffer))
+    ds = ds.mp_prefetch(options)
+  return examples, ds
+
+
 def make_iterator(
     data_cfg: DataConfig,
     patch: Sequence[int],
@@ -271,31 +316,21 @@ def make_iterator(
     process_count: int = 1,
     split: str = "train",
     text_encoder: str = "precomputed",
-) -> grain.DatasetIterator:
-  """Endless iterator over this host's packed batches of batch_size // process_count rows.
-  Its `skip_counts()` gives the records skipped so far, by reason. Captions become
+) -> BatchIterator:
+  """Endless iterator over this host's `PackedBatch`es of batch_size // process_count
+  rows. Its `skip_counts()` gives the records skipped so far, by reason. Captions become
   byte ids with `text_encoder='bytes'`, else embeddings (see `caption_tokens`)."""
-  if data_cfg.batch_size % process_count:
-    raise ValueError(f"data.batch_size={data_cfg.batch_size} is not divisible by {process_count} processes")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
-  rows = data_cfg.batch_size // process_count
+  rows = host_rows(data_cfg, process_index, process_count)
   seq_len, max_segments = row_shape(data_cfg, patch)
   multiple = max(patch[1:])
   decoder = ClipDecoder.from_config(data_cfg, multiple, patch[0], uint8=True)
-  ds = host_stream(data_cfg, seed, multiple, split, process_index, process_count, probe_with=decoder)
-  decoded = ds.random_map(decoder, seed=seed + DECODE_SEED_OFFSET)
-  examples = decoded.random_map(ToTokens(tuple(patch), data_cfg.text_len, cond_dim, data_cfg.token_drop, text_encoder), seed=seed)
-  buffer = data_cfg.prefetch * rows  # examples read ahead per process
-  ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=min(1, buffer), prefetch_buffer_size=buffer))
-  if data_cfg.num_workers > 0:
-    allow_unparsed_absl_flags()
-    options = grain.MultiprocessingOptions(num_workers=data_cfg.num_workers, per_worker_buffer_size=max(1, buffer))
-    ds = ds.mp_prefetch(options)
+  to_tokens = ToTokens(tuple(patch), data_cfg.text_len, cond_dim, data_cfg.token_drop, text_encoder)
+  examples, ds = example_stream(data_cfg, decoder, to_tokens, seed, multiple, rows, split, process_index,
+                                process_count)
   log.info(
       "data: %s, host %d/%d, %d rows x %d tokens, <= %d examples per row, %d workers",
       data_cfg.source, process_index, process_count, rows, seq_len, max_segments, data_cfg.num_workers,
   )
   buffer_tokens = int(data_cfg.pack_buffer * rows * seq_len)
-  return iter(PackIterDataset(ds, examples, rows, seq_len, max_segments, buffer_tokens, data_cfg.pack_max_wait,
-                              data_cfg.log_every))
+  return _PackIterator(iter(ds), examples, rows, seq_len, max_segments, buffer_tokens, data_cfg.pack_max_wait,
+                       data_cfg.log_every)

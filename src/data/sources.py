@@ -23,7 +23,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from src.config import DataConfig
+from src.config import DATA_SOURCES, TFDS_PREFIX, DataConfig
 from src.data.sizes import SizeSampler
 from src.data.video import DECODE_SEED_OFFSET, ClipDecoder
 
@@ -46,8 +46,6 @@ SPLITS = ("train", "validation")
 VALIDATION_SEED_OFFSET = 1_000_003
 # The text encoder is frozen: its "weights" do not change with the run seed.
 TEXT_ENCODER_SEED = 0
-TFDS_PREFIX = "tfds:"
-SOURCES = ("synthetic", "folder", "tfds:<name>", "mixture", "latents")
 FOLDER_DATASET = "folder_videos"  # the tfds name of src.data.build's builder
 MIXTURE_KEYS = ("source", "weight", "data_dir")
 RGB = 3  # channels of every decoded clip
@@ -207,7 +205,7 @@ def make_source(data_cfg: DataConfig, seed: int, spatial_multiple: int = 1, spli
     parts = mixture_parts(data_cfg)
     return grain.MapDataset.mix([grain.MapDataset.source(make_source(d, seed + i, spatial_multiple, split))
                                  for i, (d, _) in enumerate(parts)], [w for _, w in parts])
-  raise ValueError(f"unknown data source '{source}'; available: {', '.join(SOURCES)}")
+  raise ValueError(f"unknown data source '{source}'; available: {', '.join(DATA_SOURCES)}, {TFDS_PREFIX}<name>")
 
 
 def clip_source(data_cfg: DataConfig, seed: int, spatial_multiple: int = 1, split: str = "train",

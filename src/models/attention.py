@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from src.config import ATTENTION_IMPLS as IMPLS
+
 # Masked logits: a large finite value (not -inf) so a fully masked row stays finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # cuDNN computes in bf16/fp16: its bias must stay finite in float16 too.
@@ -38,7 +40,6 @@ class Mask:
   impl: str = struct.field(pytree_node=False, default="xla")
 
 
-IMPLS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash tiles: sequence lengths are padded to a multiple
 SPLASH_LANES = 128  # TPU lane width: head dims are zero-padded to a multiple
 SPLASH_PAD_KV = -1  # segment id of padded keys: no query ever matches it
@@ -128,7 +129,7 @@ def _splash_local(q, k, v, q_seg, kv_seg):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-  lq, lk, heads, dh = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+  lq, heads, dh = q.shape[1], q.shape[2], q.shape[3]
   # [B, K, L, Dh], head dim and lengths padded to the kernel's tiles.
   q, k, v = (_pad_to(_pad_to(jnp.swapaxes(a, 1, 2), 3, SPLASH_LANES), 2, SPLASH_BLOCK) for a in (q, k, v))
   q_seg = _pad_to(q_seg, 1, SPLASH_BLOCK)  # padded queries join the padding segment 0

@@ -20,33 +20,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from src.config import ModelConfig
+from src.batch import Packing
+from src.config import REMAT_POLICIES, VARIANTS, ModelConfig
 from src.mesh import constrain
 from src.models.attention import Mask, Rope, attend, make_mask, rope_angles
 from src.models.text import ByteTextEncoder
 from src.models.layers import Dense, Embed, LayerNorm, RMSNorm, gather_to_tokens, layer_norm, param, zeros
 
-VARIANTS = {
-    "tiny": dict(depth=2, width=64, heads=4),
-    "S": dict(depth=12, width=384, heads=6),
-    "B": dict(depth=12, width=768, heads=12),
-    "L": dict(depth=24, width=1024, heads=16),
-    "XL": dict(depth=28, width=1152, heads=16),
-}
 MAX_PERIOD = 10000.0  # sinusoidal timestep features
 NUM_MODULATIONS = 6  # shift, scale, gate for attention and for the MLP
 ATTN_LAYOUT = ("act_batch", "act_attn_seq", "act_attn_heads", None)  # q/k/v/out inside attention
-REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def dimensions(cfg: ModelConfig) -> tuple[int, int, int]:
   """(depth, width, heads): the variant's, with any explicit overrides."""
-  if cfg.variant not in VARIANTS:
-    raise ValueError(f"model.variant={cfg.variant!r}; expected one of {', '.join(VARIANTS)}.")
   v = VARIANTS[cfg.variant]
   depth, width, heads = (cfg.depth or v["depth"]), (cfg.width or v["width"]), (cfg.heads or v["heads"])
   if width % heads or (width // heads) % 2:
@@ -160,14 +147,15 @@ class DiT(nnx.Module):
     self.head_modulation = param(rngs, zeros, (2, width), ("modulation", "embed"))
     self.head = Dense((width,), (patch_dim,), ("embed", "patch"), rngs=rngs, zero_init=True)
 
-  def __call__(self, tokens: jax.Array, time: jax.Array, batch: dict, drop: jax.Array | None = None) -> jax.Array:
-    """tokens [B, L, P] noisy latents; time [B, K] model timesteps; drop [B, K] bool:
-    replace that example's label and caption by the null ones (CFG training/sampling)."""
-    seg = batch["segment_ids"]
-    c = self.embed_condition(time, batch.get("labels"), drop)  # [B, K, D]
+  def __call__(self, tokens: jax.Array, time: jax.Array, packing: Packing, drop: jax.Array | None = None) -> jax.Array:
+    """tokens [B, L, P] noisy latents; time [B, K] model timesteps; packing: where the
+    tokens sit and their examples' conditions (never the clean tokens); drop [B, K]
+    bool: replace that example's label and caption by the null ones (CFG)."""
+    seg = packing.segment_ids
+    c = self.embed_condition(time, packing.labels, drop)  # [B, K, D]
     e = self.time_proj(jax.nn.silu(c))  # [B, K, 6, D]
     x = constrain(self.patch_embed(tokens), ("act_batch", "act_seq", "act_embed"))
-    x = self.apply_blocks(x, e, self.context(batch, drop))
+    x = self.apply_blocks(x, e, self.context(packing, drop))
     shift, scale = (gather_to_tokens(self.head_modulation[...][i] + c, seg) for i in range(2))  # [B, L, D]
     x = modulate(layer_norm(x, self.cfg.norm_eps), shift.astype(x.dtype), scale.astype(x.dtype))
     return self.head(x).astype(jnp.float32)
@@ -179,13 +167,13 @@ class DiT(nnx.Module):
       c = c + self.class_embed(jnp.where(null, self.cfg.num_classes, labels))
     return c
 
-  def context(self, batch: dict, drop: jax.Array | None) -> Context:
-    seg = batch["segment_ids"]
-    rope = Rope(*rope_angles(batch["positions"], self.head_dim, self.cfg.rope_theta))
+  def context(self, packing: Packing, drop: jax.Array | None) -> Context:
+    seg = packing.segment_ids
+    rope = Rope(*rope_angles(packing.positions, self.head_dim, self.cfg.rope_theta))
     ctx = Context(self_mask=make_mask(seg, seg, self.cfg.attention), rope=rope, segment_ids=seg)
     if not self.cfg.cond_dim:
       return ctx
-    cond, cseg = batch["cond"], batch["cond_segment_ids"]
+    cond, cseg = packing.cond, packing.cond_segment_ids
     if self.cfg.text_encoder == "bytes":  # byte ids [B, Lc] -> [B, Lc, Dc]
       cond = self.text_encoder(cond, cseg)
     if drop is not None:  # dropped captions become the learned null embedding
@@ -202,7 +190,8 @@ class DiT(nnx.Module):
       return nnx.merge(graphdef, layer)(x, e, ctx), None
 
     if self.cfg.remat != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
+      policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.cfg.remat])
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
       return jax.lax.scan(body, x, stacked)[0]
     for i in range(self.depth):

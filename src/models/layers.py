@@ -1,11 +1,13 @@
 """Small NNX layers whose parameters carry logical axis names.
 
 Every parameter is created with its logical names in shape order
-(`nnx.Param(value, out_sharding=names)`). Placement is not done eagerly per variable:
-`train.create_model` jits the whole constructor with out shardings derived from these
-names and the rules table, so parameters are born sharded, and a model can still be
-built outside any mesh (tests, conversion scripts). Parameters are float32; a layer
-computes in the `dtype` it is given (bf16 on accelerators).
+(`nnx.Param(value, out_sharding=names)`) and a `decay` mark, Variable metadata that
+`optim.decay_mask` reads: projection and conv kernels take weight decay, nothing else
+does. Placement is not done eagerly per variable: `state.create_model` jits the whole
+constructor with out shardings derived from these names and the rules table, so
+parameters are born sharded, and a model can still be built outside any mesh (tests,
+conversion scripts). Parameters are float32; a layer computes in the `dtype` it is
+given (bf16 on accelerators).
 """
 
 from __future__ import annotations
@@ -17,14 +19,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 Names = Sequence[str | None]
-default_kernel_init = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
 
 
-def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names) -> nnx.Param:
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Names, *, decay: bool = False) -> nnx.Param:
+  """A float32 parameter with logical axis `names`. `decay` marks it for AdamW's
+  weight decay: set where the parameter is made, so the rule never depends on what
+  the attribute happens to be called."""
   assert len(shape) == len(names), (shape, names)
   value = init(rngs.params(), tuple(shape), jnp.float32)
-  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False, decay=decay)
 
 
 def gather_to_tokens(per_example: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -61,7 +65,7 @@ class Dense(nnx.Module):
     fan_in_init = nnx.initializers.variance_scaling(
         1.0, "fan_avg", "uniform", in_axis=tuple(range(len(in_shape))),
         out_axis=tuple(range(len(in_shape), len(in_shape) + len(out_shape))))
-    self.kernel = param(rngs, zeros if zero_init else fan_in_init, in_shape + out_shape, names)
+    self.kernel = param(rngs, zeros if zero_init else fan_in_init, in_shape + out_shape, names, decay=True)
     self.bias = param(rngs, zeros, out_shape, names[len(in_shape):]) if use_bias else None
     self.n_in = len(in_shape)
     self.dtype = dtype

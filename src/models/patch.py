@@ -4,7 +4,7 @@ Follows NaViT ("Patch n' Pack", Dehghani et al. 2023): each latent clip is cut i
 non-overlapping (pt, ph, pw) patches, and the patch sequences of examples of any
 shape are packed first-fit into fixed-length rows. Segment ids keep the examples of a
 row apart (block-diagonal attention); positions are patch coordinates inside each
-example, for 3D RoPE. The batch layout is the data contract of DESIGN.md ("the packed batch").
+example, for 3D RoPE. The batch they make is `src.batch.PackedBatch`, the data contract.
 
 Dimension letters: T/H/W latent grid, C channels, (pt, ph, pw) patch, T'/H'/W' patch
 grid, N tokens of one example, P = pt*ph*pw*C values per token, R rows, L row length,
@@ -21,8 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-PAD_SEGMENT = 0  # segment id of padding tokens
-NO_LABEL = -1  # label of an empty segment slot
+from src.batch import NO_LABEL, PAD_SEGMENT, Packing, PackedBatch
 
 
 def patchify(latent: np.ndarray, patch: Sequence[int]) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
@@ -97,23 +96,20 @@ def plan_rows(sizes: Sequence[int], waited: Sequence[int], seq_len: int, max_seg
   return rows
 
 
-def _empty_batch(rows: int, seq_len: int, max_segments: int, dim: int, text: np.ndarray | None) -> dict:
-  batch = {
-      "tokens": np.zeros((rows, seq_len, dim), np.float32),
-      "segment_ids": np.full((rows, seq_len), PAD_SEGMENT, np.int32),
-      "positions": np.zeros((rows, seq_len, 3), np.int32),
-      "grid": np.zeros((rows, max_segments, 3), np.int32),
-      "labels": np.full((rows, max_segments), NO_LABEL, np.int32),
-  }
+def _empty_batch(rows: int, seq_len: int, max_segments: int, dim: int, text: np.ndarray | None) -> PackedBatch:
+  cond = cond_ids = None
   if text is not None:  # [S, Dc] float embeddings, or [S] int byte ids
-    text_len = len(text)
-    batch["cond"] = np.zeros((rows, max_segments * text_len, *text.shape[1:]), text.dtype)
-    batch["cond_segment_ids"] = np.full((rows, max_segments * text_len), PAD_SEGMENT, np.int32)
-  return batch
+    cond = np.zeros((rows, max_segments * len(text), *text.shape[1:]), text.dtype)
+    cond_ids = np.full((rows, max_segments * len(text)), PAD_SEGMENT, np.int32)
+  packing = Packing(segment_ids=np.full((rows, seq_len), PAD_SEGMENT, np.int32),
+                    positions=np.zeros((rows, seq_len, 3), np.int32),
+                    grid=np.zeros((rows, max_segments, 3), np.int32),
+                    labels=np.full((rows, max_segments), NO_LABEL, np.int32), cond=cond, cond_segment_ids=cond_ids)
+  return PackedBatch(tokens=np.zeros((rows, seq_len, dim), np.float32), packing=packing)
 
 
 def pack_rows(examples: Sequence[dict], seq_len: int, max_segments: int, num_rows: int | None = None,
-              rows: Sequence[int] | None = None) -> dict:
+              rows: Sequence[int] | None = None) -> PackedBatch:
   """Packs examples into rows of `seq_len` tokens: into the given `rows` (one row index
   per example), or else first-fit in the order given.
 
@@ -132,6 +128,7 @@ def pack_rows(examples: Sequence[dict], seq_len: int, max_segments: int, num_row
     raise ValueError(f"{len(examples)} examples need {max(rows) + 1} rows, more than num_rows={num_rows}")
   text = examples[0].get("text")
   batch = _empty_batch(num_rows, seq_len, max_segments, examples[0]["tokens"].shape[1], text)
+  p = batch.packing
   used = [0] * num_rows
   segments = [0] * num_rows
   for ex, r in zip(examples, rows):
@@ -141,36 +138,35 @@ def pack_rows(examples: Sequence[dict], seq_len: int, max_segments: int, num_row
     if used[r] + n > seq_len or k >= max_segments:
       raise ValueError(f"row {r} overflows: {used[r] + n} tokens / {k + 1} examples for L={seq_len}, K={max_segments}")
     span = slice(used[r], used[r] + n)
-    batch["tokens"][r, span] = ex["tokens"]
-    batch["positions"][r, span] = ex["positions"]
-    batch["segment_ids"][r, span] = k + 1
-    batch["grid"][r, k] = ex["grid"]
-    batch["labels"][r, k] = ex["label"]
+    batch.tokens[r, span] = ex["tokens"]
+    p.positions[r, span] = ex["positions"]
+    p.segment_ids[r, span] = k + 1
+    p.grid[r, k] = ex["grid"]
+    p.labels[r, k] = ex["label"]
     if text is not None:
       s = len(text)
-      batch["cond"][r, k * s : (k + 1) * s] = ex["text"]
-      batch["cond_segment_ids"][r, k * s : (k + 1) * s] = k + 1
+      p.cond[r, k * s : (k + 1) * s] = ex["text"]
+      p.cond_segment_ids[r, k * s : (k + 1) * s] = k + 1
     used[r] += n
     segments[r] += 1
   return batch
 
 
-def unpack(batch: dict) -> list[dict]:
+def unpack(batch: PackedBatch) -> list[dict]:
   """Per-example dicts (tokens, positions, grid, label[, text]), row-major, segment order."""
-  examples = []
-  has_text = "cond" in batch
-  if has_text:
-    text_len = batch["cond"].shape[1] // batch["grid"].shape[1]
-  for r, seg_row in enumerate(batch["segment_ids"]):
+  examples, p = [], batch.packing
+  if p.cond is not None:
+    text_len = p.cond.shape[1] // p.grid.shape[1]
+  for r, seg_row in enumerate(np.asarray(p.segment_ids)):
     for k in range(1, int(seg_row.max(initial=0)) + 1):
       mask = seg_row == k
       ex = {
-          "tokens": batch["tokens"][r][mask],
-          "positions": batch["positions"][r][mask],
-          "grid": batch["grid"][r, k - 1],
-          "label": int(batch["labels"][r, k - 1]),
+          "tokens": np.asarray(batch.tokens[r])[mask],
+          "positions": np.asarray(p.positions[r])[mask],
+          "grid": np.asarray(p.grid[r, k - 1]),
+          "label": int(p.labels[r, k - 1]),
       }
-      if has_text:
-        ex["text"] = batch["cond"][r, (k - 1) * text_len : k * text_len]
+      if p.cond is not None:
+        ex["text"] = np.asarray(p.cond[r, (k - 1) * text_len : k * text_len])
       examples.append(ex)
   return examples

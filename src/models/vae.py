@@ -64,7 +64,7 @@ class Conv(nnx.Module):
                stride: tuple[int, ...] | None = None, padding: list[tuple[int, int]] | None = None,
                dtype=jnp.float32):
     nd = len(kernel)
-    self.kernel = param(rngs, conv_init, (*kernel, cin, cout), (None,) * nd + ("conv_in", "conv_out"))
+    self.kernel = param(rngs, conv_init, (*kernel, cin, cout), (None,) * nd + ("conv_in", "conv_out"), decay=True)
     self.bias = param(rngs, zeros, (cout,), ("conv_out",))
     self.stride = tuple(stride or (1,) * nd)
     self.padding = tuple(padding or [(0, 0)] * nd)
@@ -307,19 +307,6 @@ class Decoder(nnx.Module):
     return self.conv_out(jax.nn.silu(self.norm_out(x)), cache)
 
 
-def compression(cfg: VAEConfig) -> tuple[int, int]:
-  """(temporal, spatial) downsampling factors: (4, 8) at Wan 2.1 sizes."""
-  n_down = len(cfg.dim_mult) - 1
-  return 2 ** sum(bool(d) for d in cfg.temporal_downsample[:n_down]), 2 ** n_down
-
-
-def latent_shape(cfg: VAEConfig, shape) -> tuple[int, int, int]:
-  """Pixel (T, H, W) -> latent (1 + (T-1)/4, H/8, W/8) at the default sizes."""
-  ft, fs = compression(cfg)
-  t, h, w = shape
-  return 1 + (t - 1) // ft, h // fs, w // fs
-
-
 class VideoVAE(nnx.Module):
   """Wan 2.1 VAE. Videos [B, T, H, W, C] in [-1, 1]; latents [B, 1 + (T-1)/4, H/8, W/8, Z]."""
 
@@ -335,9 +322,8 @@ class VideoVAE(nnx.Module):
     self.quant_conv = CausalConv3d(2 * cfg.z_dim, 2 * cfg.z_dim, 1, rngs=rngs, dtype=dt)
     self.post_quant_conv = CausalConv3d(cfg.z_dim, cfg.z_dim, 1, rngs=rngs, dtype=dt)
     self.decoder = Decoder(cfg, rngs=rngs)
-    self.z_dim = cfg.z_dim
-    self.temporal_factor = 2 ** sum(bool(d) for d in cfg.temporal_downsample[:n_down])
-    self.spatial_factor = 2 ** n_down
+    self.cfg, self.z_dim = cfg, cfg.z_dim
+    self.temporal_factor, self.spatial_factor = cfg.compression()
     self.latents_mean = tuple(cfg.latents_mean) or (0.0,) * cfg.z_dim
     self.latents_std = tuple(cfg.latents_std) or (1.0,) * cfg.z_dim
     if cfg.chunk_frames <= 0 or cfg.chunk_frames % self.temporal_factor:
@@ -390,10 +376,9 @@ class VideoVAE(nnx.Module):
     return mean, jnp.clip(logvar, *LOGVAR_RANGE)
 
   def _check_video(self, x: jax.Array) -> None:
-    _, t, h, w, _ = x.shape
-    f, s = self.temporal_factor, self.spatial_factor
-    if (t - 1) % f or h % s or w % s:
-      raise ValueError(f"video of {t} frames at {h}x{w}: the VAE needs 1 + {f}k frames and sides divisible by {s}.")
+    error = self.cfg.clip_error(x.shape[1:4])
+    if error:
+      raise ValueError(error + ".")
 
 
 def _run_chunked(step, x: jax.Array, size: int) -> jax.Array:

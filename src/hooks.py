@@ -1,0 +1,155 @@
+"""What the training loop does around the step, as small objects it calls after each
+step: metrics to the console, `metrics.jsonl` and TensorBoard (`MetricsWriter`,
+`StepMeter`), the validation loss (`Evaluator`), periodic samples (the task's sampler,
+written by `MetricsWriter`), and checkpoints with preemption and time slices (`Saver`).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from src import media, storage
+from src import mesh as mesh_lib
+from src.checkpoint import Checkpointer
+from src.config import TrainConfig
+
+log = logging.getLogger("src.train")
+
+EVAL_SEED = 1234  # fixed validation noise: the curve moves only with the model
+
+
+def due(done: int, every: int, last: int) -> bool:
+  """Whether something that runs every `every` steps (0: never) runs after step `done`;
+  it always runs after the last step."""
+  return bool(every) and (done % every == 0 or done == last)
+
+
+class MetricsWriter:
+  """Console, `metrics.jsonl` and TensorBoard; only process 0 writes files."""
+
+  def __init__(self, workdir, tensorboard: bool, first_step: int = 0):
+    self.primary = jax.process_index() == 0
+    self.jsonl = storage.JsonLines(workdir, first_step) if self.primary else None
+    self.tb = None
+    if tensorboard and self.primary:
+      from tensorboardX import SummaryWriter
+
+      self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    log.info("%s step %d  %s", prefix, step, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    if not self.primary:
+      return
+    record = metrics if prefix == "train" else {f"{prefix}/{k}": v for k, v in metrics.items()}
+    self.jsonl.write({"step": step, **record})
+    if self.tb:
+      for k, v in metrics.items():
+        self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+  def write_samples(self, step: int, workdir, videos: list) -> None:
+    if not self.primary:
+      return
+    out = workdir / "samples"
+    image = media.grid(videos, scale=4)
+    with tempfile.TemporaryDirectory() as tmp:  # image writers want local files
+      media.write_png(Path(tmp) / f"step_{step:07d}.png", image)
+      for i, video in enumerate(videos):
+        media.write_video(Path(tmp) / f"step_{step:07d}-{i}.gif", video, scale=4)
+      storage.copy_tree(tmp, out)
+    if self.tb:
+      self.tb.add_image("samples", image, step, dataformats="HWC")
+    log.info("samples: wrote %s", out / f"step_{step:07d}.png")
+
+  def close(self) -> None:
+    if self.jsonl:
+      self.jsonl.close()
+    if self.tb:
+      self.tb.close()
+
+
+class Preemption:
+  """SIGTERM (TPU maintenance/preemption): finish the step, save, exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. called from a test runner thread)
+      pass
+
+  def _handle(self, *_):
+    log.warning("SIGTERM: saving a checkpoint at the end of this step")
+    self.requested = True
+
+
+class StepMeter:
+  """Steps, real and total tokens since the last log: steps/s, tokens/s, padding."""
+
+  def __init__(self):
+    self._reset()
+
+  def _reset(self) -> None:
+    self.tic, self.steps, self.real, self.total = time.perf_counter(), 0, 0, 0
+
+  def add(self, tokens: tuple[int, int]) -> None:
+    self.steps, self.real, self.total = self.steps + 1, self.real + tokens[0], self.total + tokens[1]
+
+  def read(self) -> dict[str, float]:
+    elapsed = time.perf_counter() - self.tic
+    out = dict(steps_per_s=self.steps / elapsed, tokens_per_s=self.real * jax.process_count() / elapsed,
+               padding_fraction=1.0 - self.real / max(self.total, 1))
+    self._reset()
+    return out
+
+
+class Evaluator:
+  """Held-out batches, read once, and the task's validation losses at its levels."""
+
+  def __init__(self, task, mesh, rules, graphdef, frozen=None):
+    it = task.batches("validation", jax.process_index(), jax.process_count())
+    self.batches = [mesh_lib.place_batch(mesh, next(it), rules) for _ in range(task.cfg.train.eval_batches)]
+    self.levels, self.frozen = task.eval_levels(), frozen
+    key = jax.random.PRNGKey(EVAL_SEED)
+    self._loss = jax.jit(lambda params, batch, level, frozen: task.eval_loss(
+        nnx.merge(graphdef, params), batch, level, key, frozen))
+
+  def __call__(self, params) -> dict[str, float]:
+    losses = {name: float(np.mean([self._loss(params, b, level, self.frozen) for b in self.batches]))
+              for name, level in self.levels.items()}
+    return {"loss": float(np.mean(list(losses.values()))), **losses}
+
+
+class Saver:
+  """Checkpoints every `ckpt_every` steps and at the end; on SIGTERM (TPU maintenance
+  or preemption) or after `run_steps` steps of this invocation, saves and asks the
+  loop to stop; on Ctrl-C saves what is whole."""
+
+  def __init__(self, ckpt: Checkpointer, data, config: dict, cfg: TrainConfig, start: int):
+    self.ckpt, self.data, self.config, self.cfg, self.start = ckpt, data, config, cfg, start
+    self.preempt = Preemption()
+
+  def __call__(self, done: int, state) -> bool:
+    """After step `done`: save if due; True when the loop must stop."""
+    out_of_slice = bool(self.cfg.run_steps) and done - self.start >= self.cfg.run_steps
+    stop = self.preempt.requested or out_of_slice
+    if due(done, self.cfg.ckpt_every, self.cfg.steps) or stop:
+      self.ckpt.save(done, state, self.data, self.config, force=True)
+    if stop:
+      log.warning("stopping after step %d (%s)", done, "SIGTERM" if self.preempt.requested else "train.run_steps")
+    return stop
+
+  def interrupted(self, state) -> None:
+    """Ctrl-C: keep the work done so far, if the state is whole."""
+    try:
+      self.ckpt.save(int(state.step), state, self.data, self.config, force=True)
+      log.warning("interrupted: saved step %d", int(state.step))
+    except Exception:  # noqa: BLE001 - e.g. interrupted inside the step, its inputs donated
+      log.error("interrupted inside a step: the newest checkpoint is the last periodic one")

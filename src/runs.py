@@ -1,0 +1,52 @@
+"""A run directory read back: its config and the weights of its newest checkpoint.
+
+What sampling, export and evaluation start from. Only the weights asked for (EMA or
+raw) are read, into the model's abstract layout: no random initialisation, no
+optimizer state, no second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flax import nnx
+
+from src import config as config_lib
+from src import mesh as mesh_lib
+from src import storage
+from src.checkpoint import Checkpointer, CheckpointNotFoundError
+from src.config import Config
+from src.state import abstract_model
+from src.tasks import Task, make_task
+
+log = logging.getLogger(__name__)
+
+
+def load_run(workdir: str | Path, use_ema: bool = True) -> tuple[Config, nnx.GraphDef, nnx.State]:
+  """(cfg, graphdef, params) from the newest checkpoint of a run directory, on the
+  devices of this host."""
+  cfg, task, graphdef, params = load_task_run(workdir, use_ema)
+  return cfg, graphdef, params
+
+
+def load_task_run(workdir: str | Path, use_ema: bool = True) -> tuple[Config, Task, nnx.GraphDef, nnx.State]:
+  """`load_run`, with the run's task object."""
+  if not (storage.run_path(workdir) / "checkpoints").is_dir():
+    raise CheckpointNotFoundError(f"{workdir} is not a run directory: it has no checkpoints/ (train first)")
+  ckpt = Checkpointer(workdir)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise CheckpointNotFoundError(
+          f"no checkpoint in {storage.run_path(workdir) / 'checkpoints'}: train first (python -m src.train ...), "
+          "or point --workdir at a run directory")
+    cfg = config_lib.from_dict(ckpt.restore_config(step), f"config of {workdir} step {step}")
+    cfg.mesh = config_lib.MeshConfig()  # sample on whatever devices this host has
+    task = make_task(cfg)
+    graphdef, like = abstract_model(task, mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules())
+    params = ckpt.restore_part("ema" if use_ema else "params", like, step=step)
+  finally:
+    ckpt.close()
+  log.info("loaded step %d of %s (%s weights)", step, workdir, "EMA" if use_ema else "raw")
+  return cfg, task, graphdef, params

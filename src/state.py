@@ -1,0 +1,134 @@
+"""The train state and the jitted train step, for any task (`src.tasks`).
+
+Everything here takes a task object and a mesh: the task says what model and loss,
+this module says how the parameters, optimizer state and EMA are laid out on the mesh
+(born sharded, or only as shapes for a restore or an AOT compile) and how one step
+updates them. `src.train` runs the loop; `src.aot` and `src.bench` compile the same
+step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from src import mesh as mesh_lib
+from src import optim
+
+log = logging.getLogger(__name__)
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  ema: nnx.State
+  rng: jax.Array  # raw uint32 key; each step folds in its step number
+
+
+@struct.dataclass
+class Frozen:
+  """A model the step uses but does not train (the VAE encoding pixels in the step):
+  replicated, neither optimised nor checkpointed."""
+
+  graphdef: nnx.GraphDef = struct.field(pytree_node=False)
+  params: nnx.State
+
+  @staticmethod
+  def of(model: nnx.Module) -> Frozen:
+    return Frozen(*nnx.split(model))
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.params)
+
+
+def place_frozen(frozen: Frozen | None, mesh) -> Frozen | None:
+  """Frozen parameters, replicated on every device of the mesh (arrays or shapes)."""
+  if frozen is None:
+    return None
+  sharding = jax.tree.map(lambda _: mesh_lib.replicated(mesh), frozen.params)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen.params)):
+    return frozen.replace(params=mesh_lib.with_shardings(frozen.params, sharding))
+  return frozen.replace(params=jax.device_put(frozen.params, sharding))
+
+
+def abstract_model(task, mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef, params as ShapeDtypeStructs carrying their shardings): the model's
+  layout without allocating it, e.g. the target of a checkpoint restore."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
+    shardings = nnx.get_named_sharding(abs_params, mesh)
+  return graphdef, mesh_lib.with_shardings(abs_params, shardings)
+
+
+def create_model(task, mesh, rules, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+  """Build the task's model with every parameter born sharded: (graphdef, params)."""
+  graphdef, abstract = abstract_model(task, mesh, rules)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    init = jax.jit(lambda key: nnx.split(task.build_model(nnx.Rngs(key)))[1], out_shardings=shardings)
+    return graphdef, init(jax.random.key(seed))
+
+
+def init_state(task, mesh, rules, optimizer, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+  graphdef, params = create_model(task, mesh, rules, seed)
+  with jax.set_mesh(mesh):
+    opt_state = jax.jit(optimizer.init, out_shardings=optim.state_shardings(optimizer, params, mesh))(params)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+        ema=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed + 1))
+  return graphdef, state
+
+
+def abstract_state(task, mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainState]:
+  """`init_state` as shapes and shardings only: what a resume restores into (nothing
+  is initialised first) and what an AOT compile traces with."""
+  graphdef, params = abstract_model(task, mesh, rules)
+  opt_state = mesh_lib.with_shardings(jax.eval_shape(optimizer.init, params),
+                                      optim.state_shardings(optimizer, params, mesh))
+  replicated = mesh_lib.replicated(mesh)
+  return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                              opt_state=opt_state, ema=params,
+                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+
+
+def train_step(state: TrainState, batch, frozen: Frozen | None, *, graphdef, task, optimizer, schedule,
+               ema_decay: float):
+  rng = jax.random.fold_in(state.rng, state.step)
+  loss_fn = lambda params: task.loss(nnx.merge(graphdef, params), batch, rng, frozen)
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optim.update_ema(state.ema, params, ema_decay)
+  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+
+
+def jit_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: Frozen | None = None):
+  """The train step under jit with explicit shardings: the state keeps its own and is
+  donated (its buffers become the new state's), the batch is split by the `act_batch`
+  rule (its shapes come from the task's config), a frozen model is replicated, the
+  metrics are replicated."""
+  step_fn = functools.partial(train_step, graphdef=graphdef, task=task, optimizer=optimizer, schedule=schedule,
+                              ema_decay=task.cfg.optim.ema_decay)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
+  batch_shardings = mesh_lib.batch_shardings(mesh, task.batch_shapes(), rules)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                 out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+
+def compile_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: Frozen | None = None):
+  """`jit_step` compiled now, from shapes alone (the state's and the config's batch
+  shapes): no batch needs to exist yet, and a batch of any other shape is an error,
+  never a silent recompile."""
+  step = jit_step(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
+  shapes = (mesh_lib.with_shardings(state), task.batch_shapes(), mesh_lib.with_shardings(frozen))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    return step.lower(*shapes).compile()

@@ -1,0 +1,73 @@
+"""The interface every task implements, and what the trainer may ask of it."""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+from flax import nnx
+
+from src.config import Config
+from src.state import Frozen
+
+
+class Task(abc.ABC):
+  """Everything that differs between the things the trainer can train.
+
+  A task owns its model (`build_model`), its frozen parts (`load_frozen`, and as
+  shapes `abstract_frozen` for AOT), its host batches (`batches`) and their global
+  shapes from the config alone (`batch_shapes`), its training and validation losses,
+  how many real and total tokens a batch holds, and what its samples show. The loop,
+  the state, checkpoints and metrics are shared (`src.state`, `src.train`).
+  """
+
+  def __init__(self, cfg: Config):
+    self.cfg = cfg
+    self.check()
+
+  scans_layers = False  # whether the model's layers are a lax.scan (its body counted once by XLA's cost analysis)
+
+  def check(self) -> None:
+    """Raise `config.ConfigError` for a config this task cannot run."""
+
+  @abc.abstractmethod
+  def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """The trained model, randomly initialised."""
+
+  def load_frozen(self) -> Frozen | None:
+    """Models the step uses without training them (loaded now), or None."""
+    return None
+
+  def abstract_frozen(self) -> Frozen | None:
+    """`load_frozen` as shapes only, for an AOT compile."""
+    return None
+
+  @abc.abstractmethod
+  def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
+    """The endless iterator of this host's batches (its rows of the global batch)."""
+
+  @abc.abstractmethod
+  def batch_shapes(self, rows: int | None = None):
+    """ShapeDtypeStructs of a batch of `rows` rows (default: the global batch)."""
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, batch, rng: jax.Array, frozen: Frozen | None = None) -> jax.Array:
+    """The training loss of a batch (scalar)."""
+
+  @abc.abstractmethod
+  def eval_levels(self) -> dict[str, float]:
+    """Validation metric name -> the noise level `eval_loss` is taken at."""
+
+  @abc.abstractmethod
+  def eval_loss(self, model: nnx.Module, batch, level: jax.Array, key: jax.Array,
+                frozen: Frozen | None = None) -> jax.Array:
+    """The validation loss of a batch at a fixed noise level and fixed noise."""
+
+  @abc.abstractmethod
+  def count_tokens(self, batch) -> tuple[int, int]:
+    """(real, total) tokens of a host batch: what tokens/s and padding count."""
+
+  def make_sampler(self, graphdef: nnx.GraphDef, frozen: Frozen | None, count: int):
+    """A callable (weights, seed) -> list of videos, for periodic samples; None if the
+    task makes none."""
+    return None

@@ -1,0 +1,194 @@
+"""The spacetime DiT as a task: on packed latent tokens, or on pixels a frozen VAE
+encodes inside the step."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from src import objectives
+from src.batch import ClipBatch, Packing, PackedBatch
+from src.config import ConfigError
+from src.data.clips import make_clip_iterator
+from src.data.pipeline import make_iterator
+from src.data.sources import clip_source
+from src.generate import Sampler, Spec
+from src.models.dit import DiT
+from src.models.patch import patchify
+from src.models.vae import VideoVAE
+from src.pretrained import load_vae
+from src.state import Frozen
+from src.tasks.base import Task
+
+
+class DiTTask(Task):
+  """The DiT on packed latent tokens: the data are the latents themselves, or a
+  latent cache (`data.source=latents`)."""
+
+  @property
+  def scans_layers(self) -> bool:
+    return self.cfg.model.scan_layers
+
+  def check(self) -> None:
+    d = self.cfg.data
+    self._check_latents(d.channels, (d.frames, d.height, d.width), (max(d.frame_counts or [d.frames]), d.area))
+
+  def _check_latents(self, channels: int, grid, largest) -> None:
+    """The latents the DiT gets: `channels` channels, a (t, h, w) `grid` for fixed
+    shapes, `largest` = (frames, area) of the largest example for mixed shapes."""
+    m, d = self.cfg.model, self.cfg.data
+    if channels != m.in_channels:
+      raise ConfigError(
+          f"the DiT gets latents of {channels} channels (data.channels, or vae.z_dim with a VAE) "
+          f"but model.in_channels={m.in_channels}.")
+    if any(g % p for g, p in zip(grid, m.patch)):
+      raise ConfigError(f"latent grid (frames, height, width)={tuple(grid)} is not divisible by "
+                        f"model.patch={tuple(m.patch)}.")
+    t, area = largest
+    most = t * area // math.prod(m.patch)
+    if d.area > 0 and most > d.seq_len:
+      raise ConfigError(f"the largest example ({t} latent frames x {area} latent area = {most} tokens) does not "
+                        f"fit data.seq_len={d.seq_len}.")
+
+  def build_model(self, rngs: nnx.Rngs) -> DiT:
+    return DiT(self.cfg.model, rngs=rngs)
+
+  def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
+    c = self.cfg
+    return make_iterator(c.data, c.model.patch, c.model.cond_dim, c.seed, process_index, process_count,
+                         split=split, text_encoder=c.model.text_encoder)
+
+  def batch_shapes(self, rows: int | None = None) -> PackedBatch:
+    return PackedBatch.shapes(self.cfg, rows)
+
+  def to_tokens(self, batch, key: jax.Array, frozen: Frozen | None) -> PackedBatch:
+    """The packed latent batch the DiT trains on (here: the batch itself)."""
+    del key, frozen
+    return batch
+
+  def loss(self, model: DiT, batch, rng: jax.Array, frozen: Frozen | None = None) -> jax.Array:
+    return self._loss(model, batch, rng, frozen)
+
+  def eval_levels(self) -> dict[str, float]:
+    return {f"loss_t{t:g}": t for t in self.cfg.train.eval_times}
+
+  def eval_loss(self, model, batch, level, key, frozen=None) -> jax.Array:
+    return self._loss(model, batch, key, frozen, level)
+
+  def _loss(self, model: DiT, batch, rng: jax.Array, frozen: Frozen | None, level=None) -> jax.Array:
+    """The objective's loss. Training (`level` None) draws t [B, K] per example and
+    drops conditions for CFG; validation puts every example at `level` (a fraction of
+    the noise range) and drops nothing."""
+    obj = self.cfg.objective
+    k_time, k_noise, k_drop, k_vae = jax.random.split(rng, 4)
+    batch = self.to_tokens(batch, k_vae, frozen)
+    x0, p = batch.tokens, batch.packing
+    rows, slots = p.grid.shape[:2]
+    if level is None:
+      t = objectives.sample_time(obj, k_time, (rows, slots), jnp.prod(p.grid, axis=-1))
+    else:
+      t = objectives.fixed_time(obj, level, (rows, slots))
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t, target = objectives.noise_and_target(obj, x0, noise, t, p.segment_ids)
+    drop = jax.random.uniform(k_drop, (rows, slots)) < (obj.cond_dropout if level is None else 0.0)
+    pred = model(x_t, objectives.model_time(obj, t), p, drop)
+    return objectives.masked_loss(obj, pred, target, p.segment_ids, objectives.loss_weight(obj, t))
+
+  def count_tokens(self, batch: PackedBatch) -> tuple[int, int]:
+    seg = batch.packing.segment_ids
+    return int((seg > 0).sum()), seg.size
+
+  def sample_specs(self, count: int) -> list[Spec]:
+    """What periodic samples show: the latent shapes, labels and captions of the first
+    held-out examples, so they can be compared with real ones."""
+    c = self.cfg
+    source = clip_source(c.data, c.seed, spatial_multiple=self.pixel_multiple() * max(c.model.patch[1:]),
+                         split="validation")
+    specs = []
+    for ex in (source[i] for i in range(len(source))):
+      if len(specs) == count:
+        break
+      if "skip" not in ex:
+        specs.append(Spec(self.latent_shape(tuple(ex["video"].shape[:3])),
+                          ex["label"] if c.model.num_classes else -1, ex["caption"] if c.model.cond_dim else None))
+    return specs
+
+  def pixel_multiple(self) -> int:
+    """Clip sides are multiples of this (times the patch): 1 for latents."""
+    return 1
+
+  def latent_shape(self, shape) -> tuple[int, int, int]:
+    """The latent (T, H, W) of a clip of the data's (T, H, W)."""
+    return tuple(shape)
+
+  def decoder(self) -> Frozen | None:
+    """The VAE that decodes this DiT's latents to pixels (loaded now), or None."""
+    return Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)) if self.cfg.vae.enabled else None
+
+  def make_sampler(self, graphdef, frozen, count: int) -> Sampler:
+    t = self.cfg.train
+    return Sampler(graphdef, self.cfg, self.sample_specs(count), steps=t.sample_steps, guidance=t.sample_guidance,
+                   vae=frozen)
+
+
+class PixelDiTTask(DiTTask):
+  """The DiT on fixed-shape pixel clips, encoded by the frozen VAE inside the jitted
+  step; mixed shapes go through the latent cache (`src.encode`) instead."""
+
+  def check(self) -> None:
+    d, v = self.cfg.data, self.cfg.vae
+    if d.channels != v.in_channels:
+      raise ConfigError(f"data.channels={d.channels} but vae.in_channels={v.in_channels}.")
+    error = v.clip_error((d.frames, d.height, d.width))
+    if error:
+      raise ConfigError(f"data clip (data.frames, data.height, data.width): {error}.")
+    _, fs = v.compression()
+    bad = [f for f in d.frame_counts if v.clip_error((f, fs, fs))]
+    if bad:
+      raise ConfigError(f"data.frame_counts={list(d.frame_counts)}: {bad} cannot be encoded: "
+                        f"{v.clip_error((bad[0], fs, fs))}.")
+    largest = v.latent_shape((max(d.frame_counts or [d.frames]), 1, 1))[0], d.area // fs**2
+    self._check_latents(v.z_dim, v.latent_shape((d.frames, d.height, d.width)), largest)
+
+  def load_frozen(self) -> Frozen:
+    return self.decoder()
+
+  def abstract_frozen(self) -> Frozen:
+    return Frozen(*nnx.split(nnx.eval_shape(lambda: VideoVAE(self.cfg.vae, rngs=nnx.Rngs(0)))))
+
+  def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
+    c = self.cfg
+    return make_clip_iterator(c.data, c.model.cond_dim, c.seed, process_index, process_count, split,
+                              spatial_multiple=self.pixel_multiple(), text_encoder=c.model.text_encoder)
+
+  def batch_shapes(self, rows: int | None = None) -> ClipBatch:
+    return ClipBatch.shapes(self.cfg, rows)
+
+  def to_tokens(self, batch: ClipBatch, key: jax.Array, frozen: Frozen) -> PackedBatch:
+    """Pixel clips -> the packed batch of latent tokens (one example per row)."""
+    vae = frozen.model()
+    video = batch.video
+    mean, logvar = vae.encode_chunked(video) if video.shape[1] > vae.chunk_frames + 1 else vae.encode(video)
+    z = jax.lax.stop_gradient(vae.normalize(mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)))
+    tokens = jax.vmap(lambda lat: patchify(lat, self.cfg.model.patch)[0])(z)  # [B, N, P]
+    _, positions, grid = patchify(jnp.zeros(z.shape[1:]), self.cfg.model.patch)
+    rows, n = tokens.shape[:2]
+    packing = Packing(segment_ids=jnp.ones((rows, n), jnp.int32),
+                      positions=jnp.broadcast_to(jnp.asarray(positions), (rows, n, 3)),
+                      grid=jnp.broadcast_to(jnp.asarray(grid, jnp.int32), (rows, 1, 3)), labels=batch.labels,
+                      cond=batch.cond, cond_segment_ids=batch.cond_segment_ids)
+    return PackedBatch(tokens=tokens, packing=packing)
+
+  def count_tokens(self, batch: ClipBatch) -> tuple[int, int]:
+    t, h, w = self.latent_shape(batch.video.shape[1:4])
+    n = batch.rows * t * h * w // math.prod(self.cfg.model.patch)
+    return n, n
+
+  def pixel_multiple(self) -> int:
+    return self.cfg.vae.compression()[1]
+
+  def latent_shape(self, shape) -> tuple[int, int, int]:
+    return self.cfg.vae.latent_shape(shape)
