@@ -52,6 +52,12 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # (~127M parameters at Wan 2.1 sizes) and frozen in DiT training: replicated.
     "conv_in": None,
     "conv_out": None,
+    # Text encoder (umT5). The token table [vocab, embed] is already split over fsdp by
+    # its embed axis; splitting the vocab too would turn the lookup into a one-hot
+    # matmul or a masked all-reduce. The relative-position bias tables [rel_buckets,
+    # heads] are tiny (32 x 64 per layer) and split by heads like the attention.
+    "vocab": None,
+    "rel_buckets": None,
 }
 
 
