@@ -28,6 +28,7 @@ import sys
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp
 from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh
@@ -36,9 +37,12 @@ from src import config as config_lib
 from src import mesh as mesh_lib
 from src import optim
 from src.config import Config
+from src.flops import umt5_flops
 from src.models.attention import compiling_for, resolve_impl
-from src.state import abstract_state, jit_step, place_frozen
+from src.state import abstract_state, jit_step
+from src.models.umt5 import UMT5Config
 from src.tasks import make_task
+from src.text_encoder import abstract_umt5, read_umt5_config
 
 GIB = 2**30
 # HBM per chip, by generation (Cloud TPU system architecture pages).
@@ -151,7 +155,7 @@ def lower_step(task, mesh: Mesh, rules):
   cfg = task.cfg
   optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
   graphdef, state = abstract_state(task, mesh, rules, optimizer)
-  frozen = place_frozen(task.abstract_frozen(), mesh)
+  frozen = task.abstract_frozen(mesh, rules)
   step = jit_step(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   # Kernels traced for the mesh's platform (splash is Mosaic on TPU, interpreted on CPU).
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), compiling_for(mesh.devices.flat[0].platform):
@@ -187,17 +191,53 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
                 slices=slices, chips=len(devices), mesh=dict(mesh.shape), attention=attention,
                 params=sum(x.size for x in jax.tree.leaves(state.params)), batch=cfg.data.batch_size,
                 batch_shapes=batch_shapes(batch))
-  hbm = HBM_GIB[topo.generation] * GIB
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # the TPU compiler itself refuses programs that overflow HBM
-    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
-      raise
-    return dict(report, hbm_gib=HBM_GIB[topo.generation], fits=False, error=str(e).strip().splitlines()[0])
+  compiled, report = compile_or_report(lowered, report, topo)
+  if compiled is None:
+    return report
   total = step_flops(task, rules, compiled, len(devices))
   hlo = compiled.as_text()
-  return dict(report, **memory_report(compiled, hbm), flops_per_step=total, flops_per_chip=total / len(devices),
-              collectives=count_collectives(hlo), mosaic_kernels=count_mosaic_kernels(hlo))
+  return dict(report, **memory_report(compiled, HBM_GIB[topo.generation] * GIB), flops_per_step=total,
+              flops_per_chip=total / len(devices), collectives=count_collectives(hlo),
+              mosaic_kernels=count_mosaic_kernels(hlo))
+
+
+def compile_or_report(lowered, report: dict, topo: Topology):
+  """(compiled, report), or (None, the report saying it does not fit): the TPU compiler
+  itself refuses programs that overflow HBM."""
+  try:
+    return lowered.compile(), report
+  except Exception as e:  # noqa: BLE001 - re-raised unless it is the compiler's out-of-memory
+    if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+      raise
+    return None, dict(report, hbm_gib=HBM_GIB[topo.generation], fits=False, error=str(e).strip().splitlines()[0])
+
+
+def compile_text_encoder(cfg: Config, topo: Topology, slices: int = 1) -> dict:
+  """The frozen umT5 encoding `data.batch_size` captions of `data.text_len` tokens, as
+  the train step or `src.encode` runs it: parameters sharded by the rules table, the
+  captions split by the batch rule. The sizes are `text.checkpoint`'s config.json, or
+  umT5-XXL's (the Wan 2.1 text encoder) without one."""
+  devices = topology_devices(topo, slices)
+  mesh, rules = mesh_lib.make_mesh(cfg.mesh, devices), mesh_lib.make_rules(cfg.mesh.rules)
+  umt5 = read_umt5_config(cfg.text.checkpoint) if cfg.text.checkpoint else UMT5Config()
+  umt5 = dataclasses.replace(umt5, dtype=cfg.text.dtype)
+  graphdef, params = abstract_umt5(umt5, mesh, rules)
+  rows, length = cfg.data.batch_size, cfg.data.text_len
+  ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=mesh_lib.batch_shardings(
+      mesh, jax.ShapeDtypeStruct((rows, length), jnp.int32), rules))
+  encode = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p)(ids, mask))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    lowered = encode.lower(params, ids, ids)
+  report = dict(topology=f"{topo.generation}-{topo.chips * CORES_PER_CHIP[topo.generation]}", grid=topo.name,
+                slices=slices, chips=len(devices), mesh=dict(mesh.shape), program="umt5_encode",
+                params=sum(x.size for x in jax.tree.leaves(params)), captions=rows, text_len=length,
+                dtype=cfg.text.dtype)
+  compiled, report = compile_or_report(lowered, report, topo)
+  if compiled is None:
+    return report
+  total = umt5_flops(umt5, rows, length)
+  return dict(report, **memory_report(compiled, HBM_GIB[topo.generation] * GIB), flops_per_step=total,
+              flops_per_chip=total / len(devices), collectives=count_collectives(compiled.as_text()))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -210,6 +250,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--config", help="YAML preset (only the keys that differ from the defaults)")
   parser.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-256, v6e-64, ... or v5p:4x4x8")
   parser.add_argument("--slices", type=int, default=1, help="number of slices (multislice over DCN)")
+  parser.add_argument("--text-encoder", action="store_true",
+                      help="compile the frozen umT5 encoding data.batch_size captions of data.text_len tokens "
+                      "(text.checkpoint's sizes, or umT5-XXL's) instead of the train step")
   parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
   return parser.parse_args(argv)
 
@@ -222,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     topo = parse_topology(args.topology)
     if args.slices < 1:
       raise AotError(f"--slices={args.slices}: must be >= 1")
-    report = compile_for_topology(cfg, topo, args.slices)
+    compile_fn = compile_text_encoder if args.text_encoder else compile_for_topology
+    report = compile_fn(cfg, topo, args.slices)
   except (config_lib.ConfigError, AotError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -235,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
   if not report["fits"]:
     where = f"{report['hbm_gib']:g} GiB of HBM per chip on {report['topology']}"
     why = f"needs {report['total_gib']} GiB per chip" if "total_gib" in report else f"the TPU compiler: {report['error']}"
-    print(f"error: the train step does not fit in {where}: {why}", file=sys.stderr)
+    print(f"error: the {report.get('program', 'train step')} does not fit in {where}: {why}", file=sys.stderr)
     return 1
   return 0
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 PAD_SEGMENT = 0  # segment id of padding tokens
 NO_LABEL = -1  # the label of an example without one (and of empty slots)
+TEXT_PAD = -1  # token id past a caption's end (umT5 ids; the encoder masks it)
 
 
 @struct.dataclass
@@ -61,7 +62,7 @@ class PackedBatch:
     cond = cond_ids = None
     if m.cond_dim:
       s = slots * cfg.data.text_len
-      cond = i32(s) if m.text_encoder == "bytes" else jax.ShapeDtypeStruct((rows, s, m.cond_dim), np.float32)
+      cond = i32(s) if captions_as_ids(cfg) else jax.ShapeDtypeStruct((rows, s, m.cond_dim), np.float32)
       cond_ids = i32(s)
     packing = Packing(segment_ids=i32(seq_len), positions=i32(seq_len, 3), grid=i32(slots, 3), labels=i32(slots),
                       cond=cond, cond_segment_ids=cond_ids)
@@ -91,8 +92,16 @@ class ClipBatch:
     if not (text and m.cond_dim):
       return batch
     ids = jax.ShapeDtypeStruct((rows, d.text_len), np.int32)
-    cond = ids if m.text_encoder == "bytes" else jax.ShapeDtypeStruct((rows, d.text_len, m.cond_dim), np.float32)
+    cond = ids if captions_as_ids(cfg) else jax.ShapeDtypeStruct((rows, d.text_len, m.cond_dim), np.float32)
     return batch.replace(cond=cond, cond_segment_ids=ids)
+
+
+def captions_as_ids(cfg: Config) -> bool:
+  """Whether batches carry caption token ids (for the byte encoder, or for the frozen
+  umT5 that encodes them in the step) rather than embeddings (the stand-in, or a latent
+  cache's umT5 embeddings)."""
+  encoder = cfg.model.text_encoder
+  return encoder == "bytes" or (encoder == "umt5" and cfg.data.source != "latents")
 
 
 def row_shape(data_cfg: DataConfig, patch: Sequence[int]) -> tuple[int, int]:

@@ -1,10 +1,6 @@
-"""Typed configuration: one dataclass schema holds every default.
-
-YAML presets in `configs/` hold only what differs from these defaults; the command
-line adds MaxText-style dotted overrides (`train.steps=200 mesh.fsdp=2`). Merging,
-type checking and dotted overrides are OmegaConf structured configs; this module adds
-the choice checks and the "did you mean" hint for a misspelt key.
-"""
+"""Typed configuration: one dataclass schema holds every default. YAML presets hold
+only what differs; the command line adds dotted overrides (`train.steps=200`). OmegaConf
+merges and type-checks; this module adds the cross-field checks and "did you mean"."""
 
 from __future__ import annotations
 
@@ -55,19 +51,16 @@ class MeshConfig:
   fsdp: int = -1
   sequence: int = 1
   tensor: int = 1
-  # Multislice (several TPU slices joined by the data-center network, DCN): how many
-  # slices each axis spans. The product must equal the slice count; -1 takes the
-  # slices the others leave. Default: only `data` crosses slices (gradient all-reduce
-  # once per step over the slow network); dcn_fsdp > 1 also shards the model across
-  # slices (more DCN traffic, less memory per chip). Ignored on one slice.
+  # Multislice: how many slices (joined by the data-center network) each axis spans;
+  # the product is the slice count, -1 takes the rest. Default: only `data` crosses
+  # slices; dcn_fsdp > 1 also shards the model across them. Ignored on one slice.
   dcn_data: int = -1
   dcn_fsdp: int = 1
   # Overrides of the logical-axis rules table in `mesh.py`: logical name -> mesh
   # axis, list of mesh axes, or null (replicated).
   rules: Dict[str, Any] = field(default_factory=dict)
-  # Multi-process (multi-host) start-up. `distributed: true` calls
-  # jax.distributed.initialize(); empty/-1 fields are detected from the environment
-  # (TPU VMs, SLURM).
+  # Multi-host: `distributed: true` calls jax.distributed.initialize(); empty/-1
+  # fields are detected from the environment (TPU VMs, SLURM).
   distributed: bool = False
   coordinator_address: str = ""
   num_processes: int = -1
@@ -88,33 +81,27 @@ class ModelConfig:
   num_classes: int = 0  # > 0: class-label table with an extra null class for CFG
   cond_dim: int = 0  # > 0: width of the caption tokens the DiT cross-attends to
   # precomputed: caption embeddings come with the data (records, or the synthetic
-  # stand-in encoder); bytes: a small byte-level encoder trained with the DiT.
-  text_encoder: Literal["precomputed", "bytes"] = "precomputed"
+  # stand-in encoder); bytes: a byte-level encoder trained with the DiT; umt5: the frozen
+  # umT5 of `text.checkpoint` (in the step, or its embeddings from a latent cache), with
+  # the empty prompt's embedding as the null caption of guidance, as Wan 2.1 does.
+  text_encoder: Literal["precomputed", "bytes", "umt5"] = "precomputed"
   text_depth: int = 2  # layers of the byte-level encoder
   freq_dim: int = 256  # sinusoidal timestep features
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
   dtype: Dtype = "float32"  # compute dtype; parameters stay float32
   scan_layers: bool = True  # lax.scan over stacked layers; false: unrolled loop
-  # What the backward pass keeps from the forward (jax.checkpoint policies): none =
-  # everything, full = only layer inputs, dots = matmul outputs, dots_no_batch = the
-  # projections' outputs (attention scores are recomputed). dots_no_batch is the
-  # fastest measured on CPU with scan (stacking every residual of a scanned layer
-  # costs more memory traffic than recomputing the elementwise work) and keeps far
-  # less activation memory than none; docs/benchmarks.md has the numbers.
+  # What the backward pass keeps (REMAT_POLICIES). dots_no_batch (the projections'
+  # outputs) measured fastest on CPU with scan: stacking every residual of a scanned
+  # layer costs more memory traffic than recomputing the elementwise work (docs/benchmarks.md).
   remat: Literal[tuple(REMAT_POLICIES)] = "dots_no_batch"
-  # auto: splash on TPU, else xla | xla: dense bias from segment ids | splash: the TPU
-  # Pallas kernel with segment ids | cudnn: GPU flash attention, needs dtype bfloat16
-  attention: Literal[ATTENTION_IMPLS] = "auto"
+  attention: Literal[ATTENTION_IMPLS] = "auto"  # cudnn needs dtype bfloat16
 
 
 @dataclass
 class VAEConfig:
-  """Causal 3D video VAE in the Wan 2.1 layout (diffusers `AutoencoderKLWan` names).
-
-  Defaults are the published Wan 2.1 VAE's sizes: 4x temporal and 8x spatial
-  compression to 16 latent channels. Tests use much smaller ones.
-  """
+  """Causal 3D video VAE in the Wan 2.1 layout (diffusers `AutoencoderKLWan` names). The
+  defaults are the published Wan 2.1 VAE's sizes: 4x temporal, 8x spatial, 16 channels."""
 
   enabled: bool = False  # false: the data are used as latents directly
   in_channels: int = 3
@@ -158,6 +145,18 @@ class VAEConfig:
     if (t - 1) % ft or h % fs or w % fs:
       return f"video of {t} frames at {h}x{w}: the VAE needs 1 + {ft}k frames and sides divisible by {fs}"
     return None
+
+
+@dataclass
+class TextConfig:
+  """The frozen umT5 text encoder (`model.text_encoder=umt5`)."""
+
+  # The Hugging Face layout: a directory with config.json + safetensors (e.g. the
+  # `text_encoder/` folder of the Wan 2.1 diffusers repositories) or a model root that
+  # holds `text_encoder/` and `tokenizer/`.
+  checkpoint: str = ""
+  tokenizer: str = ""  # spiece.model / tokenizer.json directory; "": found beside the checkpoint
+  dtype: Dtype = "float32"  # compute dtype; parameters stay float32
 
 
 @dataclass
@@ -213,11 +212,8 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-  """Where examples come from, their shape, and how they are batched.
-
-  Without a VAE the "latents" are the clips themselves: `frames/height/width/
-  channels` give the latent grid the DiT sees.
-  """
+  """Where examples come from, their shape, and how they are batched. Without a VAE the
+  clips are the latents: `frames/height/width/channels` give the DiT's latent grid."""
 
   source: str = "synthetic"
   frames: int = 4
@@ -289,6 +285,7 @@ class Config:
   task: Literal["dit", "vae"] = "dit"  # what is trained: src.tasks.make_task
   model: ModelConfig = field(default_factory=ModelConfig)
   vae: VAEConfig = field(default_factory=VAEConfig)
+  text: TextConfig = field(default_factory=TextConfig)
   objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
   optim: OptimConfig = field(default_factory=OptimConfig)
   data: DataConfig = field(default_factory=DataConfig)
@@ -386,7 +383,7 @@ def to_yaml(cfg: Config) -> str:
   return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg: Config) -> dict:  # plain dicts and lists, e.g. for a checkpoint's JSON
   return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 

@@ -25,10 +25,13 @@ from src import config as config_lib
 from src import mesh as mesh_lib
 from src.config import Config
 from src.data.latents import LatentWriter
-from src.data.sources import clip_source, embed_caption
+from src.batch import TEXT_PAD
+from src.captions import encode_captions, tokenizer_dir
+from src.data.sources import caption_ids, clip_source, embed_caption
 from src.pretrained import load_vae
 from src.state import Frozen, place_frozen
 from src.tasks import make_task
+from src.tasks.text import text_frozen
 
 log = logging.getLogger("src.encode")
 
@@ -45,6 +48,29 @@ def encode_fn(graphdef):
   return encode
 
 
+class CaptionEmbeddings:
+  """The caption embeddings a cache stores: umT5's, trimmed to the caption's own tokens
+  (the batch restores Wan's zero padding); the synthetic stand-in's (`precomputed`); or
+  none (a byte-level encoder trains with the DiT instead)."""
+
+  def __init__(self, cfg: Config, mesh, rules):
+    self.cfg = cfg
+    self.umt5 = cfg.model.cond_dim > 0 and cfg.model.text_encoder == "umt5"
+    self.frozen = text_frozen(cfg, mesh, rules) if self.umt5 else {}
+    self.tokenizer = tokenizer_dir(cfg.text) if self.umt5 else ""
+    self._encode = jax.jit(encode_captions, static_argnums=2)
+
+  def __call__(self, captions: list[str]) -> list[np.ndarray | None]:
+    text_len, m = self.cfg.data.text_len, self.cfg.model
+    if self.umt5:
+      ids = np.stack([caption_ids(c, text_len, self.tokenizer) for c in captions])  # [G, S]
+      embeddings = np.asarray(self._encode(self.frozen["text"], ids, text_len))  # [G, S, D]
+      return [e[: int((i != TEXT_PAD).sum())] for e, i in zip(embeddings, ids)]
+    if m.cond_dim and m.text_encoder == "precomputed":
+      return [embed_caption(c, text_len, m.cond_dim) for c in captions]
+    return [None] * len(captions)
+
+
 def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int = 0) -> int:
   """Encode this process's shard of the source into `out_dir`; returns records written."""
   mesh, rules = mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules(cfg.mesh.rules)
@@ -57,7 +83,7 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
   indices = list(range(pid, len(source), count))[: limit or None]
   rows = max(1, cfg.data.batch_size // count)
   data_devices = mesh_lib.batch_devices(mesh, rules)
-  encode = encode_fn(graphdef)
+  encode, captions = encode_fn(graphdef), CaptionEmbeddings(cfg, mesh, rules)
   writer = LatentWriter(out_dir, pid, count)
   pending = collections.defaultdict(list)  # clips of one shape are encoded together
   tic = time.perf_counter()
@@ -68,10 +94,7 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
     sharding = NamedSharding(mesh, mesh_lib.batch_spec(videos.ndim, rules) if len(group) % data_devices == 0
                              else jax.sharding.PartitionSpec())
     latents = np.asarray(encode(params, jax.device_put(videos, sharding)))
-    for rec, latent in zip(group, latents):
-      # Precomputed caption embeddings go into the cache (a byte-level encoder trains with the DiT instead).
-      text = (embed_caption(rec["caption"], cfg.data.text_len, cfg.model.cond_dim)
-              if cfg.model.cond_dim and cfg.model.text_encoder == "precomputed" else None)
+    for rec, latent, text in zip(group, latents, captions([g["caption"] for g in group])):
       writer.write(latent, rec["label"], rec["caption"], text)
 
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
@@ -88,7 +111,8 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
       flush(shape)
   writer.close(dict(records_per_process={str(pid): writer.count}, process_count=count, split=split,
                     z_dim=cfg.vae.z_dim, source=cfg.data.source, text_len=cfg.data.text_len,
-                    cond_dim=cfg.model.cond_dim, vae=config_lib.to_dict(cfg)["vae"]))
+                    cond_dim=cfg.model.cond_dim, text_encoder=cfg.model.text_encoder,
+                    vae=config_lib.to_dict(cfg)["vae"]))
   log.info("encoded %d clips in %.1f s -> %s", writer.count, time.perf_counter() - tic, writer.path)
   return writer.count
 

@@ -52,3 +52,12 @@ def example_tokens(batch) -> list[int]:
   """Real tokens of every example of a packed batch, from its segment ids."""
   seg = np.asarray(batch.packing.segment_ids)
   return [int(c) for row in seg for c in np.bincount(row, minlength=2)[1:] if c > 0]
+
+
+def umt5_flops(cfg, captions: int, length: int) -> int:
+  """Matmul FLOPs of a umT5 encoder forward over `captions` x `length` tokens (a
+  `models.umt5.UMT5Config`): q/k/v/o and the gated FFN per token, the score and value
+  products per caption, every layer (the embedding is a lookup)."""
+  inner = cfg.num_heads * cfg.d_kv
+  per_token = 2 * 4 * cfg.d_model * inner + 2 * 3 * cfg.d_model * cfg.d_ff
+  return captions * cfg.num_layers * (length * per_token + 2 * 2 * length * length * inner)

@@ -8,6 +8,7 @@ command. A VAE (`state.Frozen`), when given, decodes the latents to pixels.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from src import samplers
+from src.captions import encode_captions, tokenizer_dir
 from src.config import Config
 from src.data.sources import caption_tokens
 from src.models.patch import first_fit, pack_rows, patchify, unpack, unpatchify
@@ -30,7 +32,7 @@ class Spec:
   caption: str | None = None
 
 
-def pack_specs(cfg: Config, specs: list[Spec], seq_len: int | None = None):
+def pack_specs(cfg: Config, specs: list[Spec], seq_len: int | None = None, tokenizer: str = ""):
   """Placeholder examples for `specs` packed first-fit into rows (by default as long as
   the longest). Returns (batch, drop [R, K]: the slots that get the null condition, as
   no label and no caption were asked for, order: spec indices in row-major slot order)."""
@@ -41,7 +43,7 @@ def pack_specs(cfg: Config, specs: list[Spec], seq_len: int | None = None):
     ex = dict(tokens=tokens, positions=positions, grid=np.asarray(grid, np.int32), label=np.int32(spec.label))
     if cfg.model.cond_dim:
       ex["text"] = caption_tokens({"caption": spec.caption or ""}, cfg.data.text_len, cfg.model.cond_dim,
-                                  cfg.model.text_encoder)
+                                  cfg.model.text_encoder, tokenizer)
     examples.append(ex)
   seq_len = seq_len or max(len(e["tokens"]) for e in examples)
   rows = first_fit([len(e["tokens"]) for e in examples], seq_len, len(specs))
@@ -57,44 +59,59 @@ def pack_specs(cfg: Config, specs: list[Spec], seq_len: int | None = None):
 
 class Sampler:
   """A compiled generator for a fixed list of specs: call it with parameters and a seed.
-  The trainer keeps one for its periodic samples, so it compiles once."""
+  The trainer keeps one for its periodic samples, so it compiles once.
+
+  `frozen` holds what the task's step uses too: the VAE that decodes latents ('vae'),
+  and for umT5 captions the encoder ('text') and the null caption. With umT5 captions,
+  guidance's unconditional half is conditioned on `negative_prompt` (Wan's negative
+  prompt; "" is the empty prompt, the null caption of training)."""
 
   def __init__(self, graphdef, cfg: Config, specs: list[Spec], *, steps: int, guidance: float = 1.0,
-               method: str | None = None, vae=None):
-    self.cfg, self.specs, self.vae = cfg, specs, vae
-    self.packed, drop, self.order = pack_specs(cfg, specs)
-    packing = jax.tree.map(jnp.asarray, self.packed.packing)
-    rows = self.packed.rows
+               method: str | None = None, frozen: dict | None = None, negative_prompt: str = ""):
+    self.cfg, self.specs, self.frozen = cfg, specs, frozen or {}
+    umt5 = cfg.model.text_encoder == "umt5"
+    tokenizer = tokenizer_dir(cfg.text) if umt5 else ""
+    self.packed, drop, self.order = pack_specs(cfg, specs, tokenizer=tokenizer)
+    negatives = [dataclasses.replace(s, caption=negative_prompt) for s in specs]
+    negative = pack_specs(cfg, negatives, tokenizer=tokenizer)[0] if umt5 else None
+    rows, text_len = self.packed.rows, cfg.data.text_len
 
-    def run(params, key):
+    def run(params, frozen, key):
+      packings = [self.packed.packing] + ([negative.packing] if umt5 else [])
+      packings = [jax.tree.map(jnp.asarray, p) for p in packings]
+      if umt5:  # caption ids -> embeddings, as in the train step
+        packings = [p.replace(cond=encode_captions(frozen["text"], p.cond, text_len)) for p in packings]
+
       def denoise(x, t, extra_drop):  # guidance calls it on [cond; null] = 2x the rows
         reps = x.shape[0] // rows
-        p = jax.tree.map(lambda a: jnp.concatenate([a] * reps), packing)
+        halves = packings if reps == 2 and umt5 else [packings[0]] * reps
+        p = jax.tree.map(lambda *a: jnp.concatenate(a), *halves)
         return nnx.merge(graphdef, params)(x, t, p, extra_drop | jnp.concatenate([jnp.asarray(drop)] * reps))
 
       k_noise, k_sample = jax.random.split(key)
       noise = jax.random.normal(k_noise, self.packed.tokens.shape)
-      num_tokens = jnp.prod(packing.grid, axis=-1)
-      return samplers.sample(denoise, cfg.objective, noise, packing.segment_ids, num_tokens, steps=steps,
+      num_tokens = jnp.prod(packings[0].grid, axis=-1)
+      return samplers.sample(denoise, cfg.objective, noise, packings[0].segment_ids, num_tokens, steps=steps,
                              method=method, guidance=guidance, key=k_sample)
 
     self._run = jax.jit(run)
-    if vae is not None:  # the DiT works on normalised latents: denormalise, then decode
-      self._decode = jax.jit(lambda p, z: (lambda m: m.decode_chunked(m.denormalize(z)))(nnx.merge(vae.graphdef, p)))
+    self._decode = jax.jit(lambda vae, z: (lambda m: m.decode_chunked(m.denormalize(z)))(vae.model()))
 
   def __call__(self, params, seed: int = 0) -> list[np.ndarray]:
     """Videos [T, H, W, C], in the order of the specs: decoded pixels with a VAE, else latents."""
-    tokens = np.asarray(self._run(params, jax.random.key(seed)))
+    tokens = np.asarray(self._run(params, self.frozen, jax.random.key(seed)))
     videos = [None] * len(self.specs)
     for i, ex in zip(self.order, unpack(self.packed.replace(tokens=tokens))):  # unpack is row-major
       videos[i] = unpatchify(ex["tokens"], ex["grid"], self.cfg.model.patch, self.cfg.model.in_channels)
-      if self.vae is not None:
-        videos[i] = np.asarray(self._decode(self.vae.params, jnp.asarray(videos[i])[None]))[0]
+      if "vae" in self.frozen:  # the DiT works on normalised latents: denormalise, then decode
+        videos[i] = np.asarray(self._decode(self.frozen["vae"], jnp.asarray(videos[i])[None]))[0]
     return videos
 
 
 def generate(graphdef, params, cfg: Config, specs: list[Spec], *, steps: int, guidance: float = 1.0,
-             method: str | None = None, seed: int = 0, vae=None) -> list[np.ndarray]:
+             method: str | None = None, seed: int = 0, frozen: dict | None = None,
+             negative_prompt: str = "") -> list[np.ndarray]:
   """Videos [T, H, W, C] for `specs`, in order (several sizes in one call); decoded to
-  pixels when a VAE (`state.Frozen`) is given, else latents."""
-  return Sampler(graphdef, cfg, specs, steps=steps, guidance=guidance, method=method, vae=vae)(params, seed)
+  pixels when `frozen` holds a VAE, else latents (see `Sampler`)."""
+  return Sampler(graphdef, cfg, specs, steps=steps, guidance=guidance, method=method, frozen=frozen,
+                 negative_prompt=negative_prompt)(params, seed)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from src import config as config_lib
 from src import media, samplers
+from src import mesh as mesh_lib
 from src.checkpoint import CheckpointNotFoundError
 from src.generate import Spec, generate
 from src.runs import load_task_run
@@ -29,6 +30,8 @@ def parse_args(argv):
   p.add_argument("--workdir", required=True, help="run directory with checkpoints/")
   p.add_argument("--label", type=int, help="class label (class-conditional models)")
   p.add_argument("--prompt", help="caption (caption-conditioned models)")
+  p.add_argument("--negative-prompt", default="",
+                 help="umT5 captions: what guidance steers away from (default: the empty prompt, the null caption)")
   p.add_argument("--frames", type=int, help="latent frames (default: from the run's data.frames)")
   p.add_argument("--height", type=int, help="latent height (default: from the run's data.height)")
   p.add_argument("--width", type=int, help="latent width (default: from the run's data.width)")
@@ -63,7 +66,8 @@ def main(argv=None) -> int:
   if not isinstance(task, DiTTask):
     print(f"error: {args.workdir} trained a {type(task).__name__}, not a DiT: nothing to sample", file=sys.stderr)
     return 2
-  vae = task.decoder()
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  frozen = task.sampling_frozen(mesh, mesh_lib.make_rules())  # the VAE, the text encoder
   # The run's data sizes: pixels for a DiT that encoded pixels in the step, else latents.
   shape = task.latent_shape((args.frames or cfg.data.frames, args.height or cfg.data.height,
                              args.width or cfg.data.width))
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
   videos = []
   for i in tqdm(range(args.num), desc="sampling", unit="video", file=sys.stderr):
     videos += generate(graphdef, params, cfg, specs[i:i + 1], steps=args.steps, guidance=args.cfg,
-                       method=args.sampler, seed=args.seed + i, vae=vae)
+                       method=args.sampler, seed=args.seed + i, frozen=frozen, negative_prompt=args.negative_prompt)
   out.parent.mkdir(parents=True, exist_ok=True)
   for i, video in enumerate(videos):
     media.write_video(out.with_name(f"{out.stem}-{i}{out.suffix}"), video, args.scale)

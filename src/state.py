@@ -34,8 +34,9 @@ class TrainState:
 
 @struct.dataclass
 class Frozen:
-  """A model the step uses but does not train (the VAE encoding pixels in the step):
-  replicated, neither optimised nor checkpointed."""
+  """A model the step uses but does not train (the VAE encoding pixels in the step, the
+  umT5 text encoder): neither optimised nor checkpointed, placed by its task (the VAE
+  replicated by `place_frozen`, the text encoder sharded by the rules)."""
 
   graphdef: nnx.GraphDef = struct.field(pytree_node=False)
   params: nnx.State
@@ -98,7 +99,7 @@ def abstract_state(task, mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainSta
                               rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
 
 
-def train_step(state: TrainState, batch, frozen: Frozen | None, *, graphdef, task, optimizer, schedule,
+def train_step(state: TrainState, batch, frozen: dict | None, *, graphdef, task, optimizer, schedule,
                ema_decay: float):
   rng = jax.random.fold_in(state.rng, state.step)
   loss_fn = lambda params: task.loss(nnx.merge(graphdef, params), batch, rng, frozen)
@@ -110,11 +111,12 @@ def train_step(state: TrainState, batch, frozen: Frozen | None, *, graphdef, tas
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
 
-def jit_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: Frozen | None = None):
+def jit_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: dict | None = None):
   """The train step under jit with explicit shardings: the state keeps its own and is
   donated (its buffers become the new state's), the batch is split by the `act_batch`
-  rule (its shapes come from the task's config), a frozen model is replicated, the
-  metrics are replicated."""
+  rule (its shapes come from the task's config), the frozen parts keep the placement
+  the task gave them (a VAE replicated, a text encoder sharded), the metrics are
+  replicated."""
   step_fn = functools.partial(train_step, graphdef=graphdef, task=task, optimizer=optimizer, schedule=schedule,
                               ema_decay=task.cfg.optim.ema_decay)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -124,7 +126,7 @@ def jit_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule
                  out_shardings=(state_shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
 
 
-def compile_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: Frozen | None = None):
+def compile_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: dict | None = None):
   """`jit_step` compiled now, from shapes alone (the state's and the config's batch
   shapes): no batch needs to exist yet, and a batch of any other shape is an error,
   never a silent recompile."""

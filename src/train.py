@@ -22,7 +22,7 @@ from src import hooks, optim, storage, tasks
 from src import mesh as mesh_lib
 from src.checkpoint import Checkpointer
 from src.config import Config
-from src.state import abstract_state, compile_step, init_state, place_frozen
+from src.state import abstract_state, compile_step, init_state
 
 log = logging.getLogger("src.train")
 
@@ -36,7 +36,7 @@ def train(cfg: Config) -> dict:
   check_batch_split(cfg.data.batch_size, mesh, rules)
   optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
   data = task.batches("train", jax.process_index(), jax.process_count())
-  frozen = place_frozen(task.load_frozen(), mesh)
+  frozen = task.load_frozen(mesh, rules)
   ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
   graphdef, state = restore_or_init(task, mesh, rules, optimizer, ckpt, data)
   step_fn = timed_compile(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)

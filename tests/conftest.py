@@ -13,3 +13,42 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _synthetic_captions():
+  """Every caption the synthetic source can write, plus a few other sentences."""
+  from src.data.sources import DIRECTIONS, KINDS, NUMBER_WORDS, PALETTE
+
+  for n, colour, kind, direction in itertools.product(NUMBER_WORDS, PALETTE, KINDS, DIRECTIONS):
+    yield f"{n} {colour} {kind}{'' if n == 'a' else 's'} moving {direction}"
+  yield from ("a video of shapes", "nothing at all", "the quick brown fox jumps over the lazy dog")
+
+
+@pytest.fixture(scope="session")
+def tiny_umt5(tmp_path_factory):
+  """A random tiny umT5 model root in the Hugging Face layout, as a Wan 2.1 diffusers
+  repository lays it out: `text_encoder/` (config.json + safetensors) and `tokenizer/`
+  (a SentencePiece model trained on the synthetic captions' words, T5's special ids).
+  Needs sentencepiece (the `text` extra)."""
+  spm = pytest.importorskip("sentencepiece")
+  import jax
+  from flax import nnx
+
+  from src.models.umt5 import UMT5Config, UMT5Encoder
+  from src.text_encoder import save_pretrained_umt5
+
+  root = tmp_path_factory.mktemp("tiny_umt5")
+  (root / "tokenizer").mkdir()
+  corpus = root / "captions.txt"
+  corpus.write_text("\n".join(_synthetic_captions()))
+  spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(root / "tokenizer" / "spiece"), vocab_size=56,
+                                 model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                 character_coverage=1.0, minloglevel=2)
+  cfg = UMT5Config(vocab_size=56, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+  encoder = UMT5Encoder(cfg, rngs=nnx.Rngs(jax.random.key(7)))
+  save_pretrained_umt5(encoder, cfg, root / "text_encoder")
+  return root

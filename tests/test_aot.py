@@ -146,3 +146,21 @@ def test_bad_arguments():
   assert result.returncode == 2 and "unknown TPU topology 'v9-8'" in result.stderr
   result = run_aot("--topology", "v5e-8", "model.bogus=1")
   assert result.returncode == 2 and "unknown config key" in result.stderr
+
+
+@needs_libtpu
+def test_compiles_the_umt5_text_encoder(tiny_umt5):
+  """--text-encoder: the frozen umT5 encoding a batch of captions, sharded by the rules,
+  with every layer's FLOPs counted."""
+  from src.flops import umt5_flops
+  from src.text_encoder import read_umt5_config
+
+  result = run_aot("--text-encoder", "--topology", "v5e-8", f"text.checkpoint={tiny_umt5}", "data.batch_size=8",
+                   "data.text_len=64", "mesh.fsdp=4", "mesh.tensor=2", "text.dtype=bfloat16")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = report(result)
+  umt5 = read_umt5_config(tiny_umt5)
+  assert r["program"] == "umt5_encode" and r["fits"] and r["captions"] == 8 and r["text_len"] == 64
+  assert r["params"] == 56 * 32 + umt5.num_layers * (4 * 32 * 32 + 3 * 32 * 48 + 32 * 4 + 2 * 32) + 32
+  assert r["flops_per_step"] == umt5_flops(umt5, 8, 64) > 0
+  assert r["collectives"]["all-gather"] > 0  # fsdp-sharded weights are gathered for the matmuls

@@ -30,7 +30,9 @@ def test_yaml_then_overrides(tmp_path):
 
 def test_every_preset_loads():
   for f in sorted((ROOT / "configs").glob("*.yaml")):
-    make_task(C.load(f))  # and passes its task's checks
+    cfg = C.load(f)
+    if not cfg.text.checkpoint:  # a preset naming weights is checked where a test makes them (test_captions)
+      make_task(cfg)  # and passes its task's checks
 
 
 @pytest.mark.parametrize("override, words", [

@@ -1,6 +1,5 @@
 """Samplers against a closed form: Gaussian data have exact velocity and eps fields."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from src import config as C
+from src import mesh as M
 from src.batch import Packing
 from src.tasks import DiTTask, PixelDiTTask, VAETask, make_task
 from src.train import train
@@ -49,7 +50,8 @@ def test_dit_trains_on_pixels_encoded_in_the_step_and_samples_pixels(tmp_path):
   cfg, task, graphdef, params = load_task_run(tmp_path)
   specs = task.sample_specs(2)
   assert specs[0].shape == (2, 2, 2)  # 5 frames at 16x16 -> 2 latent frames at 2x2
-  videos = generate(graphdef, params, cfg, specs, steps=2, vae=task.decoder())
+  frozen = task.sampling_frozen(M.make_mesh(cfg.mesh), M.make_rules())
+  videos = generate(graphdef, params, cfg, specs, steps=2, frozen=frozen)
   assert videos[0].shape == (5, 16, 16, 3)
 
 
@@ -125,7 +127,7 @@ def test_the_model_never_sees_the_clean_tokens(overrides):
   """The DiT is called with the noisy tokens, the time and the packing only."""
   task = make_task(C.load(None, overrides))
   model = task.build_model(nnx.Rngs(0))
-  frozen = task.load_frozen()
+  frozen = task.load_frozen(M.make_mesh(C.MeshConfig(), jax.devices()[:1]), M.make_rules())
   batch = jax.tree.map(jnp.asarray, next(task.batches()))
   clean = task.to_tokens(batch, jax.random.split(jax.random.key(3), 4)[3], frozen).tokens
   calls = []
@@ -144,10 +146,11 @@ def test_the_model_never_sees_the_clean_tokens(overrides):
 
 def test_abstract_frozen_is_the_loaded_frozen_as_shapes():
   task = make_task(C.load(None, PIXEL_DIT))
-  real, abstract = task.load_frozen(), task.abstract_frozen()
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), real.params) == jax.tree.map(lambda x: (x.shape, x.dtype),
-                                                                                 abstract.params)
-  assert make_task(C.load(None, LATENT_DIT)).abstract_frozen() is None
+  mesh, rules = M.make_mesh(C.MeshConfig()), M.make_rules()
+  real, abstract = task.load_frozen(mesh, rules), task.abstract_frozen(mesh, rules)
+  layout = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), tree)
+  assert layout(real) == layout(abstract)
+  assert make_task(C.load(None, LATENT_DIT)).abstract_frozen(mesh, rules) == {}
 
 
 def test_eval_levels_and_sample_specs():

@@ -34,6 +34,7 @@ class ToClip:
   cond_dim: int
   shape: tuple[int, int, int]
   text_encoder: str = "precomputed"
+  tokenizer: str = ""  # umT5 tokenizer directory (text_encoder umt5)
 
   def __call__(self, record: dict, rng: np.random.Generator | None = None) -> dict:
     del rng  # deterministic; the rng is every per-record transform's (`example_stream`)
@@ -46,7 +47,7 @@ class ToClip:
                        "(set data.area=0, or encode variable shapes with src.encode)")
     out = {"video": video, "labels": np.asarray([record["label"]], np.int32)}
     if self.cond_dim:
-      out["cond"] = caption_tokens(record, self.text_len, self.cond_dim, self.text_encoder)
+      out["cond"] = caption_tokens(record, self.text_len, self.cond_dim, self.text_encoder, self.tokenizer)
       out["cond_segment_ids"] = np.ones(self.text_len, np.int32)
     return out
 
@@ -79,7 +80,7 @@ class _ClipBatches(BatchIterator):
 
 def make_clip_iterator(data_cfg: DataConfig, cond_dim: int, seed: int, process_index: int = 0,
                        process_count: int = 1, split: str = "train", spatial_multiple: int = 1,
-                       text_encoder: str = "precomputed") -> BatchIterator:
+                       text_encoder: str = "precomputed", tokenizer: str = "") -> BatchIterator:
   """Endless iterator of `ClipBatch`es of batch_size // process_count clips (cond and
   cond_segment_ids only with cond_dim > 0). Its `skip_counts()` gives the records
   skipped so far, by reason; a source with no usable record among the first
@@ -91,7 +92,8 @@ def make_clip_iterator(data_cfg: DataConfig, cond_dim: int, seed: int, process_i
                      "train with data.source=latents.")
   # An image is a still clip of the batches' length.
   decoder = ClipDecoder.from_config(data_cfg, spatial_multiple, frame_multiple=data_cfg.frames, uint8=True)
-  to_clip = ToClip(data_cfg.text_len, cond_dim, (data_cfg.frames, data_cfg.height, data_cfg.width), text_encoder)
+  to_clip = ToClip(data_cfg.text_len, cond_dim, (data_cfg.frames, data_cfg.height, data_cfg.width), text_encoder,
+                   tokenizer)
   _, ds = example_stream(data_cfg, decoder, to_clip, seed, spatial_multiple, rows, split, process_index,
                          process_count)
   return _ClipBatches(iter(ds), rows, data_cfg.log_every)

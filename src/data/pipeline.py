@@ -66,6 +66,7 @@ class ToTokens:
   cond_dim: int
   token_drop: float = 0.0
   text_encoder: str = "precomputed"
+  tokenizer: str = ""  # umT5 tokenizer directory (text_encoder umt5)
 
   def __call__(self, record: dict, rng: np.random.Generator) -> dict:
     if "skip" in record:
@@ -82,7 +83,8 @@ class ToTokens:
         "label": np.int32(record["label"]),
     }
     if self.cond_dim > 0:
-      example["text"] = caption_tokens(record, self.text_len, self.cond_dim, self.text_encoder)
+      example["text"] = caption_tokens(record, self.text_len, self.cond_dim, self.text_encoder,
+                                       self.tokenizer)
     return example
 
 
@@ -316,15 +318,18 @@ def make_iterator(
     process_count: int = 1,
     split: str = "train",
     text_encoder: str = "precomputed",
+    tokenizer: str = "",
 ) -> BatchIterator:
   """Endless iterator over this host's `PackedBatch`es of batch_size // process_count
   rows. Its `skip_counts()` gives the records skipped so far, by reason. Captions become
-  byte ids with `text_encoder='bytes'`, else embeddings (see `caption_tokens`)."""
+  byte ids with `text_encoder='bytes'`, umT5 ids with `umt5` (from `tokenizer`), else
+  embeddings (see `caption_tokens`)."""
   rows = host_rows(data_cfg, process_index, process_count)
   seq_len, max_segments = row_shape(data_cfg, patch)
   multiple = max(patch[1:])
   decoder = ClipDecoder.from_config(data_cfg, multiple, patch[0], uint8=True)
-  to_tokens = ToTokens(tuple(patch), data_cfg.text_len, cond_dim, data_cfg.token_drop, text_encoder)
+  to_tokens = ToTokens(tuple(patch), data_cfg.text_len, cond_dim, data_cfg.token_drop, text_encoder,
+                       tokenizer)
   examples, ds = example_stream(data_cfg, decoder, to_tokens, seed, multiple, rows, split, process_index,
                                 process_count)
   log.info(

@@ -23,9 +23,12 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from src.batch import TEXT_PAD
 from src.config import DATA_SOURCES, TFDS_PREFIX, DataConfig
 from src.data.sizes import SizeSampler
 from src.data.video import DECODE_SEED_OFFSET, ClipDecoder
+from src.models.text import caption_bytes
+from src.tokenizer import clean_prompt, load_tokenizer
 
 BACKGROUND = -1.0
 KINDS = ("square", "disc", "diamond")
@@ -160,18 +163,36 @@ def embed_caption(caption: str, text_len: int, dim: int, seed: int = TEXT_ENCODE
   return out
 
 
-def caption_tokens(record: dict, text_len: int, dim: int, encoder: str = "precomputed") -> np.ndarray:
-  """What the DiT cross-attends to for a record's caption: byte ids [S] (`bytes`), or
-  embeddings [S, Dc]: precomputed in the record (the latent cache's 'text'), else the
-  synthetic stand-in encoder."""
+def caption_tokens(record: dict, text_len: int, dim: int, encoder: str = "precomputed",
+                   tokenizer: str = "") -> np.ndarray:
+  """What the DiT cross-attends to for a record's caption: byte ids [S] (`bytes`);
+  umT5 token ids [S] (`umt5`, -1 past the caption's end: `batch.TEXT_PAD`), or the
+  umT5 embeddings a latent cache holds, zero-padded to [S, Dc] as Wan pads them; or
+  embeddings [S, Dc] (`precomputed`): the record's own, else the synthetic stand-in."""
   if encoder == "bytes":
-    from src.models.text import caption_bytes
-
     return caption_bytes(record["caption"], text_len)
   text = record.get("text")
+  if encoder == "umt5":
+    return caption_ids(record["caption"], text_len, tokenizer) if text is None else padded_text(record, text_len, dim)
   if text is not None and text.shape == (text_len, dim):
     return np.asarray(text, np.float32)
   return embed_caption(record["caption"], text_len, dim)
+
+
+def caption_ids(caption: str, text_len: int, tokenizer: str) -> np.ndarray:
+  """umT5 token ids [text_len] int32 of a cleaned caption (EOS appended, truncated),
+  `TEXT_PAD` after its end."""
+  ids, mask = load_tokenizer(tokenizer)([clean_prompt(caption)], text_len)
+  return np.where(mask[0] > 0, ids[0], TEXT_PAD).astype(np.int32)
+
+
+def padded_text(record: dict, text_len: int, dim: int) -> np.ndarray:
+  """A cached caption embedding [n, Dc] (trimmed to the caption's tokens) -> [text_len, Dc]."""
+  text = np.asarray(record["text"], np.float32)
+  if text.ndim != 2 or text.shape[1] != dim or len(text) > text_len:
+    raise ValueError(f"record {record.get('name') or record.get('caption')!r}: caption embedding of shape "
+                     f"{text.shape}; expected at most data.text_len={text_len} tokens of model.cond_dim={dim}")
+  return np.pad(text, ((0, text_len - len(text)), (0, 0)))
 
 
 def make_source(data_cfg: DataConfig, seed: int, spatial_multiple: int = 1, split: str = "train"):

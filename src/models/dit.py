@@ -134,7 +134,8 @@ class DiT(nnx.Module):
     if cfg.cond_dim:
       if cfg.text_encoder == "bytes":
         self.text_encoder = ByteTextEncoder(cfg.cond_dim, cfg.text_depth, rngs=rngs, eps=cfg.norm_eps)
-      self.null_cond = param(rngs, zeros, (cfg.cond_dim,), ("cond_embed",))
+      if cfg.text_encoder != "umt5":  # umT5's null caption is the empty prompt's embedding, given as data
+        self.null_cond = param(rngs, zeros, (cfg.cond_dim,), ("cond_embed",))
       self.cond_in = Dense((cfg.cond_dim,), (width,), ("cond_embed", "embed"), rngs=rngs, dtype=dt)
       self.cond_out = Dense((width,), (width,), ("mlp", "embed"), rngs=rngs, dtype=dt)
 
@@ -150,7 +151,8 @@ class DiT(nnx.Module):
   def __call__(self, tokens: jax.Array, time: jax.Array, packing: Packing, drop: jax.Array | None = None) -> jax.Array:
     """tokens [B, L, P] noisy latents; time [B, K] model timesteps; packing: where the
     tokens sit and their examples' conditions (never the clean tokens); drop [B, K]
-    bool: replace that example's label and caption by the null ones (CFG)."""
+    bool: replace that example's label and caption by the null ones (CFG; a umT5
+    caption arrives already replaced, by the empty prompt's embedding)."""
     seg = packing.segment_ids
     c = self.embed_condition(time, packing.labels, drop)  # [B, K, D]
     e = self.time_proj(jax.nn.silu(c))  # [B, K, 6, D]
@@ -176,7 +178,7 @@ class DiT(nnx.Module):
     cond, cseg = packing.cond, packing.cond_segment_ids
     if self.cfg.text_encoder == "bytes":  # byte ids [B, Lc] -> [B, Lc, Dc]
       cond = self.text_encoder(cond, cseg)
-    if drop is not None:  # dropped captions become the learned null embedding
+    if drop is not None and hasattr(self, "null_cond"):  # dropped captions become the learned null
       cond = jnp.where(gather_to_tokens(drop, cseg)[..., None], self.null_cond[...], cond)
     cond = self.cond_out(jax.nn.gelu(self.cond_in(cond), approximate=True))  # [B, Lc, D]
     cond = constrain(cond, ("act_batch", "act_cond_seq", "act_embed"))

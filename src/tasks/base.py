@@ -8,7 +8,6 @@ import jax
 from flax import nnx
 
 from src.config import Config
-from src.state import Frozen
 
 
 class Task(abc.ABC):
@@ -34,13 +33,14 @@ class Task(abc.ABC):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """The trained model, randomly initialised."""
 
-  def load_frozen(self) -> Frozen | None:
-    """Models the step uses without training them (loaded now), or None."""
-    return None
+  def load_frozen(self, mesh, rules) -> dict:
+    """What the step uses without training it, loaded now and placed on the mesh: a dict
+    of `Frozen` models and arrays (e.g. the VAE, the text encoder); empty if nothing."""
+    return {}
 
-  def abstract_frozen(self) -> Frozen | None:
-    """`load_frozen` as shapes only, for an AOT compile."""
-    return None
+  def abstract_frozen(self, mesh, rules) -> dict:
+    """`load_frozen` as shapes and shardings only, for an AOT compile."""
+    return {}
 
   @abc.abstractmethod
   def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
@@ -51,7 +51,7 @@ class Task(abc.ABC):
     """ShapeDtypeStructs of a batch of `rows` rows (default: the global batch)."""
 
   @abc.abstractmethod
-  def loss(self, model: nnx.Module, batch, rng: jax.Array, frozen: Frozen | None = None) -> jax.Array:
+  def loss(self, model: nnx.Module, batch, rng: jax.Array, frozen: dict | None = None) -> jax.Array:
     """The training loss of a batch (scalar)."""
 
   @abc.abstractmethod
@@ -60,14 +60,14 @@ class Task(abc.ABC):
 
   @abc.abstractmethod
   def eval_loss(self, model: nnx.Module, batch, level: jax.Array, key: jax.Array,
-                frozen: Frozen | None = None) -> jax.Array:
+                frozen: dict | None = None) -> jax.Array:
     """The validation loss of a batch at a fixed noise level and fixed noise."""
 
   @abc.abstractmethod
   def count_tokens(self, batch) -> tuple[int, int]:
     """(real, total) tokens of a host batch: what tokens/s and padding count."""
 
-  def make_sampler(self, graphdef: nnx.GraphDef, frozen: Frozen | None, count: int):
+  def make_sampler(self, graphdef: nnx.GraphDef, frozen: dict, count: int):
     """A callable (weights, seed) -> list of videos, for periodic samples; None if the
     task makes none."""
     return None

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from src import objectives
-from src.batch import ClipBatch, Packing, PackedBatch
+from src.batch import ClipBatch, Packing, PackedBatch, captions_as_ids
+from src.captions import drop_captions, encode_captions, tokenizer_dir
 from src.config import ConfigError
 from src.data.clips import make_clip_iterator
 from src.data.pipeline import make_iterator
@@ -20,8 +21,9 @@ from src.models.dit import DiT
 from src.models.patch import patchify
 from src.models.vae import VideoVAE
 from src.pretrained import load_vae
-from src.state import Frozen
+from src.state import Frozen, place_frozen
 from src.tasks.base import Task
+from src.tasks.text import abstract_text_frozen, check_text, text_frozen
 
 
 class DiTTask(Task):
@@ -34,6 +36,7 @@ class DiTTask(Task):
 
   def check(self) -> None:
     d = self.cfg.data
+    check_text(self.cfg)
     self._check_latents(d.channels, (d.frames, d.height, d.width), (max(d.frame_counts or [d.frames]), d.area))
 
   def _check_latents(self, channels: int, grid, largest) -> None:
@@ -59,17 +62,36 @@ class DiTTask(Task):
   def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
     c = self.cfg
     return make_iterator(c.data, c.model.patch, c.model.cond_dim, c.seed, process_index, process_count,
-                         split=split, text_encoder=c.model.text_encoder)
+                         split=split, text_encoder=c.model.text_encoder, tokenizer=self.tokenizer())
 
   def batch_shapes(self, rows: int | None = None) -> PackedBatch:
     return PackedBatch.shapes(self.cfg, rows)
 
-  def to_tokens(self, batch, key: jax.Array, frozen: Frozen | None) -> PackedBatch:
-    """The packed latent batch the DiT trains on (here: the batch itself)."""
+  def tokenizer(self) -> str:
+    """The umT5 tokenizer's directory ("" without umT5 captions)."""
+    return tokenizer_dir(self.cfg.text) if self.cfg.model.text_encoder == "umt5" else ""
+
+  def load_frozen(self, mesh, rules) -> dict:
+    return text_frozen(self.cfg, mesh, rules)
+
+  def abstract_frozen(self, mesh, rules) -> dict:
+    return abstract_text_frozen(self.cfg, mesh, rules)
+
+  def to_tokens(self, batch, key: jax.Array, frozen: dict) -> PackedBatch:
+    """The packed latent batch the DiT trains on, caption embeddings included: umT5 ids
+    are encoded here, by the frozen encoder."""
+    batch = self.to_latents(batch, key, frozen)
+    p = batch.packing
+    if self.cfg.model.text_encoder == "umt5" and captions_as_ids(self.cfg):
+      p = p.replace(cond=encode_captions(frozen["text"], p.cond, self.cfg.data.text_len))
+    return batch.replace(packing=p)
+
+  def to_latents(self, batch, key: jax.Array, frozen: dict) -> PackedBatch:
+    """The packed batch of latent tokens (here: the batch itself)."""
     del key, frozen
     return batch
 
-  def loss(self, model: DiT, batch, rng: jax.Array, frozen: Frozen | None = None) -> jax.Array:
+  def loss(self, model: DiT, batch, rng: jax.Array, frozen: dict | None = None) -> jax.Array:
     return self._loss(model, batch, rng, frozen)
 
   def eval_levels(self) -> dict[str, float]:
@@ -78,13 +100,13 @@ class DiTTask(Task):
   def eval_loss(self, model, batch, level, key, frozen=None) -> jax.Array:
     return self._loss(model, batch, key, frozen, level)
 
-  def _loss(self, model: DiT, batch, rng: jax.Array, frozen: Frozen | None, level=None) -> jax.Array:
+  def _loss(self, model: DiT, batch, rng: jax.Array, frozen: dict | None, level=None) -> jax.Array:
     """The objective's loss. Training (`level` None) draws t [B, K] per example and
     drops conditions for CFG; validation puts every example at `level` (a fraction of
     the noise range) and drops nothing."""
     obj = self.cfg.objective
     k_time, k_noise, k_drop, k_vae = jax.random.split(rng, 4)
-    batch = self.to_tokens(batch, k_vae, frozen)
+    batch = self.to_tokens(batch, k_vae, frozen or {})
     x0, p = batch.tokens, batch.packing
     rows, slots = p.grid.shape[:2]
     if level is None:
@@ -94,6 +116,8 @@ class DiTTask(Task):
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t, target = objectives.noise_and_target(obj, x0, noise, t, p.segment_ids)
     drop = jax.random.uniform(k_drop, (rows, slots)) < (obj.cond_dropout if level is None else 0.0)
+    if self.cfg.model.text_encoder == "umt5":  # a dropped caption is the empty prompt's, as in Wan
+      p = p.replace(cond=drop_captions(p.cond, drop, frozen["null_text"]))
     pred = model(x_t, objectives.model_time(obj, t), p, drop)
     return objectives.masked_loss(obj, pred, target, p.segment_ids, objectives.loss_weight(obj, t))
 
@@ -124,14 +148,18 @@ class DiTTask(Task):
     """The latent (T, H, W) of a clip of the data's (T, H, W)."""
     return tuple(shape)
 
-  def decoder(self) -> Frozen | None:
-    """The VAE that decodes this DiT's latents to pixels (loaded now), or None."""
-    return Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)) if self.cfg.vae.enabled else None
+  def sampling_frozen(self, mesh, rules) -> dict:
+    """What sampling needs on the mesh: the frozen parts, and the VAE that decodes the
+    latents to pixels when the run has one (replicated)."""
+    frozen = self.load_frozen(mesh, rules)
+    if self.cfg.vae.enabled and "vae" not in frozen:
+      frozen["vae"] = place_frozen(Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)), mesh)
+    return frozen
 
-  def make_sampler(self, graphdef, frozen, count: int) -> Sampler:
+  def make_sampler(self, graphdef, frozen: dict, count: int) -> Sampler:
     t = self.cfg.train
     return Sampler(graphdef, self.cfg, self.sample_specs(count), steps=t.sample_steps, guidance=t.sample_guidance,
-                   vae=frozen)
+                   frozen=frozen)
 
 
 class PixelDiTTask(DiTTask):
@@ -140,6 +168,7 @@ class PixelDiTTask(DiTTask):
 
   def check(self) -> None:
     d, v = self.cfg.data, self.cfg.vae
+    check_text(self.cfg)
     if d.channels != v.in_channels:
       raise ConfigError(f"data.channels={d.channels} but vae.in_channels={v.in_channels}.")
     error = v.clip_error((d.frames, d.height, d.width))
@@ -153,23 +182,26 @@ class PixelDiTTask(DiTTask):
     largest = v.latent_shape((max(d.frame_counts or [d.frames]), 1, 1))[0], d.area // fs**2
     self._check_latents(v.z_dim, v.latent_shape((d.frames, d.height, d.width)), largest)
 
-  def load_frozen(self) -> Frozen:
-    return self.decoder()
+  def load_frozen(self, mesh, rules) -> dict:
+    vae = place_frozen(Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)), mesh)
+    return {**super().load_frozen(mesh, rules), "vae": vae}
 
-  def abstract_frozen(self) -> Frozen:
-    return Frozen(*nnx.split(nnx.eval_shape(lambda: VideoVAE(self.cfg.vae, rngs=nnx.Rngs(0)))))
+  def abstract_frozen(self, mesh, rules) -> dict:
+    vae = Frozen(*nnx.split(nnx.eval_shape(lambda: VideoVAE(self.cfg.vae, rngs=nnx.Rngs(0)))))
+    return {**super().abstract_frozen(mesh, rules), "vae": place_frozen(vae, mesh)}
 
   def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
     c = self.cfg
     return make_clip_iterator(c.data, c.model.cond_dim, c.seed, process_index, process_count, split,
-                              spatial_multiple=self.pixel_multiple(), text_encoder=c.model.text_encoder)
+                              spatial_multiple=self.pixel_multiple(), text_encoder=c.model.text_encoder,
+                              tokenizer=self.tokenizer())
 
   def batch_shapes(self, rows: int | None = None) -> ClipBatch:
     return ClipBatch.shapes(self.cfg, rows)
 
-  def to_tokens(self, batch: ClipBatch, key: jax.Array, frozen: Frozen) -> PackedBatch:
+  def to_latents(self, batch: ClipBatch, key: jax.Array, frozen: dict) -> PackedBatch:
     """Pixel clips -> the packed batch of latent tokens (one example per row)."""
-    vae = frozen.model()
+    vae = frozen["vae"].model()
     video = batch.video
     mean, logvar = vae.encode_chunked(video) if video.shape[1] > vae.chunk_frames + 1 else vae.encode(video)
     z = jax.lax.stop_gradient(vae.normalize(mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)))
