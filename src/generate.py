@@ -3,7 +3,8 @@
 `Sampler` compiles a generator for a fixed list of `Spec`s (latent shapes, labels,
 captions of any sizes, packed into rows like training batches, so one call makes
 them all); the trainer keeps one for its periodic samples, `src.sample` makes one per
-command. A VAE (`state.Frozen`), when given, decodes the latents to pixels.
+command. The task's frozen parts, when given, decode the latents to pixels (the VAE)
+and encode umT5 captions and the negative prompt (the text encoder).
 """
 
 from __future__ import annotations
