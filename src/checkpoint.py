@@ -1,7 +1,7 @@
 """Checkpoints: one Orbax CheckpointManager for everything an exact resume needs.
 
 Each step directory under `{workdir}/checkpoints/` holds three items:
-- `state`: step, parameters, optimizer state, EMA and RNG key (sharded arrays; every
+- `state`: step, parameters, optimizer state, EMA, RNG key, bad-step count (arrays; every
   host writes its own shards);
 - `data`: the grain iterator position, one file per process;
 - `config`: the resolved config, so a run directory says how it was made.

@@ -264,6 +264,7 @@ class TrainConfig:
   log_every: int = 10
   ckpt_every: int = 200
   keep_checkpoints: int = 3
+  max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before the run stops with exit 1
   async_checkpoint: bool = True
   tensorboard: bool = True
   # Samples during training (0: never): PNG grid + GIFs under {workdir}/samples/ and
@@ -336,6 +337,8 @@ def _check(cfg: Config) -> None:
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
     raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1.")
   _check_shapes(cfg.data, cfg.model.patch)
+  if cfg.train.max_bad_steps < 1:
+    raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1.")
   if not 0.0 <= cfg.objective.cond_dropout <= 1.0:
     raise ConfigError(f"objective.cond_dropout={cfg.objective.cond_dropout} must lie in [0, 1].")
 

@@ -30,6 +30,7 @@ class TrainState:
   opt_state: optax.OptState
   ema: nnx.State
   rng: jax.Array  # raw uint32 key; each step folds in its step number
+  bad_steps: jax.Array  # non-finite steps in a row, each skipped (`train_step`)
 
 
 @struct.dataclass
@@ -83,7 +84,7 @@ def init_state(task, mesh, rules, optimizer, seed: int) -> tuple[nnx.GraphDef, T
     opt_state = jax.jit(optimizer.init, out_shardings=optim.state_shardings(optimizer, params, mesh))(params)
     state = TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-        ema=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed + 1))
+        ema=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed + 1), bad_steps=jnp.zeros((), jnp.int32))
   return graphdef, state
 
 
@@ -94,9 +95,9 @@ def abstract_state(task, mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainSta
   opt_state = mesh_lib.with_shardings(jax.eval_shape(optimizer.init, params),
                                       optim.state_shardings(optimizer, params, mesh))
   replicated = mesh_lib.replicated(mesh)
-  return graphdef, TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
-                              opt_state=opt_state, ema=params,
-                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  return graphdef, TrainState(step=scalar, params=params, opt_state=opt_state, ema=params,
+                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated), bad_steps=scalar)
 
 
 def train_step(state: TrainState, batch, frozen: dict | None, *, graphdef, task, optimizer, schedule,
@@ -104,11 +105,19 @@ def train_step(state: TrainState, batch, frozen: dict | None, *, graphdef, task,
   rng = jax.random.fold_in(state.rng, state.step)
   loss_fn = lambda params: task.loss(nnx.merge(graphdef, params), batch, rng, frozen)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optim.update_ema(state.ema, params, ema_decay)
-  metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
+  # A step whose loss or gradients are not finite changes nothing but the step count and
+  # the count of such steps in a row: the state (and so every checkpoint) stays finite.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  updated = keep((params, opt_state, ema), (state.params, state.opt_state, state.ema))
+  bad = jnp.where(finite, 0, state.bad_steps + 1)
+  metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(state.step), bad_steps=bad)
+  return state.replace(step=state.step + 1, params=updated[0], opt_state=updated[1], ema=updated[2],
+                       bad_steps=bad), metrics
 
 
 def jit_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule, frozen: dict | None = None):

@@ -54,6 +54,8 @@ def train(cfg: Config) -> dict:
         done = step + 1
         if hooks.due(done, t.log_every, t.steps):
           last = log_metrics(writer, done, metrics, meter, data)
+        if hooks.due(done, min(t.log_every, t.max_bad_steps), t.steps):
+          check_finite(done, metrics, t.max_bad_steps)
         if evaluator and hooks.due(done, t.eval_every, t.steps):
           writer.write(done, evaluator(state.params), prefix="val")
         if sampler and hooks.due(done, t.sample_every, t.steps):
@@ -105,6 +107,24 @@ def timed_compile(*args):
   return step_fn
 
 
+class NonFiniteError(RuntimeError):
+  """Too many steps in a row had a non-finite loss or gradients (each was skipped)."""
+
+
+def check_finite(done: int, metrics: dict, limit: int) -> None:
+  """Stop the run once `limit` steps in a row were non-finite. Skipped steps leave the
+  state as it was, so every checkpoint on disk stays finite; read every
+  min(log_every, max_bad_steps) steps, not every step, to keep the host off the
+  device's critical path."""
+  bad = int(jax.device_get(metrics["bad_steps"]))
+  if bad:
+    log.warning("step %d: the last %d step(s) had a non-finite loss or gradients and were skipped", done, bad)
+  if bad >= limit:
+    raise NonFiniteError(f"{bad} steps in a row up to step {done} had a non-finite loss or gradients (each skipped; "
+                         f"train.max_bad_steps={limit}): lower optim.lr, raise optim.eps, or check the data. The "
+                         "checkpoints on disk are the last finite ones.")
+
+
 def log_metrics(writer: hooks.MetricsWriter, done: int, metrics: dict, meter: hooks.StepMeter, data) -> dict:
   """The step's metrics, the throughput since the last log and the loader's skip counts."""
   record = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -142,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("start-up failed", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -173,3 +173,57 @@ def test_optimizer_moments_are_sharded_like_their_parameters(tmp_path):
   assert len(moments) == 2 * len(param_specs)
   assert [m.sharding.spec for m in moments] == param_specs * 2
   assert any(spec != jax.P() for spec in param_specs)
+
+
+def test_a_non_finite_step_changes_nothing_but_the_counts(tmp_path):
+  """A batch that makes the loss NaN: parameters, optimizer state and EMA stay bitwise
+  as they were, the step and the count of bad steps in a row move; a finite step then
+  trains and resets the count."""
+  cfg = tiny(tmp_path)
+  mesh, rules, task = M.make_mesh(cfg.mesh, jax.devices()[:1]), M.make_rules(), make_task(cfg)
+  optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
+  step = compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
+  good = next(task.batches())
+  poisoned = good.replace(tokens=np.where(np.arange(good.tokens.size).reshape(good.tokens.shape) == 7, np.nan,
+                                          good.tokens).astype(np.float32))
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    state, metrics = step(state, M.place_batch(mesh, poisoned, rules), None)
+    assert not np.isfinite(float(metrics["loss"])) and int(metrics["bad_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state, state.ema))):
+      np.testing.assert_array_equal(a, np.asarray(b))
+    assert int(state.step) == 1 and int(state.bad_steps) == 1
+    state, metrics = step(state, M.place_batch(mesh, good, rules), None)
+  assert int(state.bad_steps) == 0 and int(metrics["bad_steps"]) == 0
+  assert any(np.any(a != np.asarray(b)) for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(state.params)))
+
+
+def _all_checkpoints_finite(workdir) -> list[int]:
+  from src.checkpoint import Checkpointer
+
+  cfg = tiny(workdir)
+  mesh = M.make_mesh(cfg.mesh)
+  graphdef, like = abstract_state(make_task(cfg), mesh, M.make_rules(), optim.make_optimizer(cfg.optim, 100)[0])
+  ckpt = Checkpointer(workdir)
+  steps = sorted(ckpt.manager.all_steps())
+  for s in steps:
+    state = ckpt.restore(like, step=s)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves((state.params, state.ema))), s
+  ckpt.close()
+  return steps
+
+
+def test_a_bad_learning_rate_stops_the_run_and_keeps_checkpoints_finite(tmp_path, capsys):
+  """A good run, resumed with optim.lr=1e8: its steps turn non-finite, max_bad_steps in a
+  row stop it with exit status 1 and a message, and every checkpoint left is finite."""
+  from src.train import main
+
+  train(tiny(tmp_path, "train.steps=4", "train.ckpt_every=2"))
+  overrides = [f"{k}={v}" for k, v in (("workdir", tmp_path), ("train.steps", 40), ("train.ckpt_every", 1),
+                                        ("train.keep_checkpoints", 3), ("optim.lr", 1e8), ("train.max_bad_steps", 3),
+                                        ("train.log_every", 1))]
+  assert main(TINY + overrides) == 1
+  assert "non-finite" in capsys.readouterr().err
+  steps = _all_checkpoints_finite(tmp_path)
+  assert len(steps) == 3 and max(steps) < 40  # it stopped early; what is on disk is finite
