@@ -27,14 +27,19 @@ def tiny(tmp_path, *overrides):
   return C.load(None, TINY + [f"workdir={tmp_path}", *overrides])
 
 
-def one_step(cfg, mesh):
-  """(loss, params before, params after) of one train step on `mesh`."""
+def compiled(cfg, mesh):
+  """(task, rules, graphdef, fresh state, the compiled step) of `cfg` on `mesh`."""
   rules, task = M.make_rules(cfg.mesh.rules), make_task(cfg)
   optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
   graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
+  return task, rules, graphdef, state, compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
+
+
+def one_step(cfg, mesh):
+  """(loss, params before, params after) of one train step on `mesh`."""
+  task, rules, graphdef, state, step = compiled(cfg, mesh)
   before = jax.tree.map(np.asarray, state.params)
   batch = next(task.batches())
-  step = compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     state, metrics = step(state, M.place_batch(mesh, batch, rules), None)
   return float(metrics["loss"]), graphdef, before, state.params, batch
@@ -147,10 +152,8 @@ def test_the_step_compiles_from_the_config_and_refuses_other_shapes(tmp_path):
   """The step is compiled before any batch exists, from `task.batch_shapes()`; a batch of
   another shape is an error, never a silent recompile."""
   cfg = tiny(tmp_path)
-  mesh, rules, task = M.make_mesh(cfg.mesh, jax.devices()[:1]), M.make_rules(), make_task(cfg)
-  optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
-  step = compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
+  mesh = M.make_mesh(cfg.mesh, jax.devices()[:1])
+  task, rules, _, state, step = compiled(cfg, mesh)
   batch = next(task.batches())
   assert jax.tree.map(lambda x: x.shape, batch) == jax.tree.map(lambda x: x.shape, task.batch_shapes())
   longer = next(make_task(tiny(tmp_path, "data.seq_len=40")).batches())  # rows of 40 tokens, not 32
@@ -180,10 +183,8 @@ def test_a_non_finite_step_changes_nothing_but_the_counts(tmp_path):
   as they were, the step and the count of bad steps in a row move; a finite step then
   trains and resets the count."""
   cfg = tiny(tmp_path)
-  mesh, rules, task = M.make_mesh(cfg.mesh, jax.devices()[:1]), M.make_rules(), make_task(cfg)
-  optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  graphdef, state = init_state(task, mesh, rules, optimizer, cfg.seed)
-  step = compile_step(task, mesh, rules, graphdef, state, optimizer, schedule)
+  mesh = M.make_mesh(cfg.mesh, jax.devices()[:1])
+  task, rules, _, state, step = compiled(cfg, mesh)
   good = next(task.batches())
   poisoned = good.replace(tokens=np.where(np.arange(good.tokens.size).reshape(good.tokens.shape) == 7, np.nan,
                                           good.tokens).astype(np.float32))
