@@ -20,23 +20,24 @@ class ConfigError(ValueError):
 
 # Tables that choice-valued fields name. Each is the one list of its names: the field's
 # Literal type is built from it, so OmegaConf rejects any other value at load time.
-VARIANTS = {  # model.variant -> DiT sizes
+VARIANTS = {  # model.variant -> DiT sizes (mlp: the MLP width where it is not width * mlp_ratio)
     "tiny": dict(depth=2, width=64, heads=4),
     "S": dict(depth=12, width=384, heads=6),
     "B": dict(depth=12, width=768, heads=12),
     "L": dict(depth=24, width=1024, heads=16),
     "XL": dict(depth=28, width=1152, heads=16),
+    # Wan 2.1 text-to-video (diffusers WanTransformer3DModel; import: model.init_from, src.wan)
+    "wan2.1-t2v-1.3b": dict(depth=30, width=1536, heads=12, mlp=8960),
+    "wan2.1-t2v-14b": dict(depth=40, width=5120, heads=40, mlp=13824),
 }
-# model.remat -> the jax.checkpoint_policies member the backward pass keeps (none: no
-# rematerialisation; full: only the layer inputs, jax.checkpoint's default).
+# model.remat -> the jax.checkpoint_policies member the backward pass keeps (full: the layer inputs alone).
 REMAT_POLICIES = {
     "none": None,
     "full": "nothing_saveable",
     "dots": "checkpoint_dots",
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
 }
-# model.attention: auto (splash on TPU, else xla) | xla (dense bias from segment ids) |
-# splash (the TPU Pallas kernel) | cudnn (GPU flash attention); src.models.attention.
+# model.attention: auto (splash on TPU, else xla) | xla | splash (TPU Pallas) | cudnn (GPU flash).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 TFDS_PREFIX = "tfds:"  # data.source=tfds:<name>: any prepared tfds dataset
 DATA_SOURCES = ("synthetic", "folder", "mixture", "latents")  # and tfds:<name>
@@ -76,6 +77,7 @@ class ModelConfig:
   width: Optional[int] = None
   heads: Optional[int] = None
   mlp_ratio: float = 4.0
+  mlp_dim: Optional[int] = None  # the MLP width; overrides the variant's and mlp_ratio
   patch: Tuple[int, int, int] = (1, 2, 2)  # (pt, ph, pw) over the latent grid
   in_channels: int = 4  # latent channels
   num_classes: int = 0  # > 0: class-label table with an extra null class for CFG
@@ -96,6 +98,9 @@ class ModelConfig:
   # layer costs more memory traffic than recomputing the elementwise work (docs/benchmarks.md).
   remat: Literal[tuple(REMAT_POLICIES)] = "dots_no_batch"
   attention: Literal[ATTENTION_IMPLS] = "auto"  # cudnn needs dtype bfloat16
+  # A fresh run starts from these weights: a diffusers WanTransformer3DModel directory (or a
+  # root with transformer/), or its Orbax copy (src.convert wan). A resume never reads it.
+  init_from: str = ""
 
 
 @dataclass
@@ -151,9 +156,8 @@ class VAEConfig:
 class TextConfig:
   """The frozen umT5 text encoder (`model.text_encoder=umt5`)."""
 
-  # The Hugging Face layout: a directory with config.json + safetensors (e.g. the
-  # `text_encoder/` folder of the Wan 2.1 diffusers repositories) or a model root that
-  # holds `text_encoder/` and `tokenizer/`.
+  # The Hugging Face layout: config.json + safetensors (the `text_encoder/` folder of the Wan
+  # 2.1 diffusers repositories), or a model root holding `text_encoder/` and `tokenizer/`.
   checkpoint: str = ""
   tokenizer: str = ""  # spiece.model / tokenizer.json directory; "": found beside the checkpoint
   dtype: Dtype = "float32"  # compute dtype; parameters stay float32
@@ -164,14 +168,12 @@ class ObjectiveConfig:
   """Training objective: rectified flow, or DDPM-family diffusion."""
 
   kind: Literal["flow", "diffusion"] = "flow"
-  # Timestep sampling (flow): t ~ logit-normal(mean, std) or uniform on [0, 1],
-  # then shifted t' = a t / (1 + (a - 1) t).
+  # Timestep sampling (flow): t ~ logit-normal(mean, std) or uniform on [0, 1], then t' = a t / (1 + (a - 1) t).
   timestep_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
   logit_mean: float = 0.0
   logit_std: float = 1.0
   shift: float = 1.0
-  # > 0: resolution-dependent shift a = shift * sqrt(tokens / shift_base_tokens)
-  shift_base_tokens: int = 0
+  shift_base_tokens: int = 0  # > 0: resolution-dependent shift a = shift * sqrt(tokens / shift_base_tokens)
   # Diffusion (DDPM family), 1000 discrete steps.
   schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
   beta_start: float = 0.0001
@@ -179,8 +181,7 @@ class ObjectiveConfig:
   prediction: Literal["eps", "v", "x0"] = "eps"
   num_train_timesteps: int = 1000
   min_snr_gamma: float = 0.0  # > 0: min-SNR-gamma loss weighting
-  # Both.
-  # token: mean over real tokens; example: mean of per-example means
+  # Both. token: mean over real tokens; example: mean of per-example means
   loss_reduction: Literal["token", "example"] = "token"
   cond_dropout: float = 0.1  # probability an example's label/caption is replaced by the null one
 
@@ -258,8 +259,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
   steps: int = 1000  # total steps; sets the learning-rate schedule
-  # > 0: stop (after saving) once this invocation has run that many steps, e.g. to
-  # fit a time-sliced or queued job; the next invocation resumes.
+  # > 0: stop (after saving) once this invocation ran that many steps (time-sliced jobs); rerun resumes.
   run_steps: int = 0
   log_every: int = 10
   ckpt_every: int = 200

@@ -1,16 +1,28 @@
-"""Import pretrained weights from the diffusers layout, with no PyTorch at run time.
+"""Import pretrained weights from the diffusers layout, and export ours back to it; no
+PyTorch at run time.
 
     python -m src.convert vae --src DIR --dst DIR
+    python -m src.convert wan --src DIR --dst DIR
+    python -m src.convert export --workdir RUN [--ema] --dst DIR
 
-reads a diffusers `AutoencoderKLWan` directory (`config.json` +
+`vae` reads a diffusers `AutoencoderKLWan` directory (`config.json` +
 `diffusion_pytorch_model.safetensors`, e.g. the `vae/` folder of
-Wan-AI/Wan2.1-T2V-1.3B-Diffusers), maps every tensor onto `models.vae.VideoVAE` and
-writes an Orbax checkpoint with two items: `params` (the NNX parameter state) and
-`config` (the VAEConfig read from config.json, as JSON). Every tensor must be used
-exactly once with the expected shape; anything else is an error naming it.
+Wan-AI/Wan2.1-T2V-1.3B-Diffusers) and writes an Orbax checkpoint (`params`, `config`)
+that `vae.checkpoint` reads. `wan` does the same for a `WanTransformer3DModel`
+directory (the `transformer/` folder, sharded safetensors + index): an Orbax copy that
+`model.init_from` and `load_pretrained_wan` read faster. `export` writes a run's newest
+checkpoint (raw or EMA weights) as a diffusers `transformer/` directory that
+`WanTransformer3DModel.from_pretrained` loads. Every tensor must be used exactly once
+with the expected shape; anything else is an error naming it.
 
-This is the command line only; the mapping and the loaders live in `src.pretrained`
-(`vae.checkpoint` takes either kind of directory).
+For parity checks in a few lines:
+
+    from src.convert import load_pretrained_wan, wan_forward
+    model = load_pretrained_wan(DIR)            # a diffusers directory or the Orbax copy
+    out = wan_forward(model, latents, timestep, text)   # diffusers-layout arrays
+
+The mappings and loaders live in `src.pretrained` (VAE) and `src.wan` (transformer);
+this is the command line.
 """
 
 from __future__ import annotations
@@ -20,9 +32,14 @@ import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
+from src import wan
+from src.checkpoint import CheckpointNotFoundError
 from src.pretrained import load_pretrained_vae, save_vae
+from src.runs import load_run
+from src.wan import load_pretrained_wan, wan_forward  # noqa: F401 (the parity API above)
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +53,51 @@ def convert_vae(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
   return dst
 
 
+def convert_wan(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+  """Read the diffusers Wan transformer in `src` and write our Orbax copy to `dst`."""
+  model = load_pretrained_wan(src)
+  params = nnx.state(model, nnx.Param)
+  dst = wan.save_orbax(params, model.cfg, dst, overwrite=overwrite)
+  log.info("wrote %d transformer parameters to %s", sum(v.size for v in jax.tree.leaves(params)), dst)
+  return dst
+
+
+def export_run(workdir: str | Path, dst: str | Path, use_ema: bool = False, dtype: str = "float32",
+               max_shard_gb: float = 5.0) -> Path:
+  """The newest checkpoint of the run in `workdir` as a diffusers transformer directory."""
+  cfg, _, params = load_run(workdir, use_ema=use_ema)
+  return wan.export_diffusers(params, cfg.model, dst, dtype=np.dtype(jax.numpy.dtype(dtype)),
+                              max_shard_bytes=int(max_shard_gb * 1e9))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m src.convert", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="model", required=True, metavar="{vae}")
+  sub = parser.add_subparsers(dest="model", required=True, metavar="{vae,wan,export}")
   vae = sub.add_parser(
       "vae", help="Wan 2.1 video VAE (diffusers AutoencoderKLWan) -> Orbax",
       description="Convert a diffusers AutoencoderKLWan directory (config.json + "
       "diffusion_pytorch_model.safetensors) into an Orbax checkpoint that vae.checkpoint "
       "and src.pretrained.load_vae() read. A missing, unexpected or mis-shaped tensor is an error.")
-  vae.add_argument("--src", required=True, help="diffusers directory (or a model root with a vae/ folder)")
-  vae.add_argument("--dst", required=True, help="output Orbax directory")
-  vae.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+  transformer = sub.add_parser(
+      "wan", help="Wan 2.1 transformer (diffusers WanTransformer3DModel) -> Orbax",
+      description="Convert a diffusers WanTransformer3DModel directory (config.json + safetensors shards and "
+      "their index; or a model root with transformer/) into the Orbax copy that model.init_from reads.")
+  for p, what in ((vae, "vae/"), (transformer, "transformer/")):
+    p.add_argument("--src", required=True, help=f"diffusers directory (or a model root with a {what} folder)")
+    p.add_argument("--dst", required=True, help="output Orbax directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
+  export = sub.add_parser(
+      "export", help="a run's DiT -> diffusers WanTransformer3DModel directory",
+      description="Write the newest checkpoint of a run (a Wan-sized DiT) as a diffusers transformer/ "
+      "directory: config.json and safetensors shards with their index, loadable by "
+      "WanTransformer3DModel.from_pretrained (and so by WanPipeline and ComfyUI's diffusers loader).")
+  export.add_argument("--workdir", required=True, help="run directory with checkpoints/")
+  export.add_argument("--dst", required=True, help="output directory (the pipeline's transformer/ folder)")
+  export.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw weights)")
+  export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="tensor dtype written")
+  export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (diffusers: 5)")
   return parser.parse_args(argv)
 
 
@@ -58,7 +107,11 @@ def main(argv: list[str] | None = None) -> None:
   try:
     if args.model == "vae":
       convert_vae(args.src, args.dst, overwrite=args.overwrite)
-  except (OSError, ValueError) as e:  # bad paths, bad weights, unsupported configs: no traceback
+    elif args.model == "wan":
+      convert_wan(args.src, args.dst, overwrite=args.overwrite)
+    else:
+      export_run(args.workdir, args.dst, use_ema=args.ema, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
+  except (CheckpointNotFoundError, OSError, ValueError) as e:  # bad paths, bad weights, unsupported configs
     raise SystemExit(f"error: {e}") from None
 
 

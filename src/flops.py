@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from src.config import ModelConfig
-from src.models.dit import NUM_MODULATIONS, dimensions
+from src.models.dit import NUM_MODULATIONS, dimensions, mlp_width
 
 def forward_flops(cfg: ModelConfig, tokens_per_example: Sequence[int], cond_tokens: int = 0) -> int:
   """Matmul FLOPs (2 per multiply-add) of one DiT forward over a batch of examples.
@@ -28,7 +28,7 @@ def forward_flops(cfg: ModelConfig, tokens_per_example: Sequence[int], cond_toke
   """
   depth, width, _ = dimensions(cfg)
   patch_dim = math.prod(cfg.patch) * cfg.in_channels
-  hidden = int(width * cfg.mlp_ratio)
+  hidden = mlp_width(cfg)
   d2 = width * width
   per_token = 2 * patch_dim * width + 2 * width * patch_dim  # patch embed, head
   per_token += depth * (4 * 2 * d2 + 2 * 2 * width * hidden)  # q, k, v, out; fc1, fc2

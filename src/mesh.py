@@ -13,6 +13,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+from flax import nnx
 from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -206,3 +207,18 @@ def with_shardings(shapes, shardings=None):
   if shardings is None:
     shardings = jax.tree.map(lambda x: x.sharding, shapes)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def abstract_module(build, mesh=None, rules=None):
+  """(graphdef, parameters of the module `build()` makes, as ShapeDtypeStructs with
+  their shardings): by the rules table (default DEFAULT_RULES) on `mesh`, else on the
+  first device. Nothing is allocated; a loader fills them in (`src.weights`)."""
+  if mesh is None:
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
+  else:
+    rules = rules if rules is not None else make_rules()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      graphdef, state = nnx.split(nnx.eval_shape(build))
+      shardings = nnx.get_named_sharding(state, mesh)
+  return graphdef, with_shardings(state, shardings)

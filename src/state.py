@@ -79,7 +79,12 @@ def create_model(task, mesh, rules, seed: int) -> tuple[nnx.GraphDef, nnx.State]
 
 
 def init_state(task, mesh, rules, optimizer, seed: int) -> tuple[nnx.GraphDef, TrainState]:
-  graphdef, params = create_model(task, mesh, rules, seed)
+  """A fresh state: the task's pretrained weights (`Task.pretrained_params`, read
+  straight into their shardings) or a random init, a zero optimizer state, EMA = params."""
+  graphdef, abstract = abstract_model(task, mesh, rules)
+  params = task.pretrained_params(abstract)
+  if params is None:
+    graphdef, params = create_model(task, mesh, rules, seed)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(optimizer.init, out_shardings=optim.state_shardings(optimizer, params, mesh))(params)
     state = TrainState(

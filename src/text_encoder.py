@@ -92,16 +92,7 @@ def hf_sources(cfg: UMT5Config, embed: str = EMBED) -> dict[tuple, weights.Sourc
 def abstract_umt5(cfg: UMT5Config, mesh=None, rules=None) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, parameters as ShapeDtypeStructs with their shardings): by the rules
   table on `mesh` (default rules: mesh.DEFAULT_RULES), else on the first device."""
-  build = lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0))
-  if mesh is None:
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
-  else:
-    rules = rules if rules is not None else mesh_lib.make_rules()
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      graphdef, state = nnx.split(nnx.eval_shape(build))
-      shardings = nnx.get_named_sharding(state, mesh)
-  return graphdef, mesh_lib.with_shardings(state, shardings)
+  return mesh_lib.abstract_module(lambda: UMT5Encoder(cfg, rngs=nnx.Rngs(0)), mesh, rules)
 
 
 def _nested(flat: dict[tuple, object]) -> dict:

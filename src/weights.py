@@ -45,22 +45,34 @@ HEADER_BYTES = 8  # a safetensors file opens with its little-endian u64 header l
 
 @dataclasses.dataclass(frozen=True)
 class View:
-  """A target array as a source tensor reshaped and transposed:
-  target = source.reshape(flat(split)).transpose(perm). `split` holds, for each source
-  axis, the dims it is reshaped into (a fused [N*Dh] axis is (N, Dh))."""
+  """A target array as a source tensor reshaped, transposed and reshaped again:
+  target = source.reshape(flat(split)).transpose(perm), then consecutive axes merged
+  (`merge`: how many transposed axes make each target axis; None: none merged).
+  `split` holds, for each source axis, the dims it is reshaped into (a fused [N*Dh]
+  axis is (N, Dh)). E.g. a Conv3d weight [D, C, kt, kh, kw] as a kernel [kt*kh*kw*C, D]
+  is perm (2, 3, 4, 1, 0), merge (4, 1)."""
 
   name: str
   split: tuple[tuple[int, ...], ...]
   perm: tuple[int, ...]
+  merge: tuple[int, ...] | None = None
 
   @property
   def source_shape(self) -> tuple[int, ...]:
     return tuple(math.prod(group) for group in self.split)
 
   @property
-  def shape(self) -> tuple[int, ...]:
+  def unmerged_shape(self) -> tuple[int, ...]:
     flat = [d for group in self.split for d in group]
     return tuple(flat[p] for p in self.perm)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    dims = self.unmerged_shape
+    if self.merge is None:
+      return dims
+    bounds = list(itertools.accumulate((0,) + self.merge))
+    return tuple(math.prod(dims[a:b]) for a, b in zip(bounds, bounds[1:]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,8 +221,27 @@ def _read_runs(ckpt: Checkpoint, name: str, runs: list[list[tuple[int, int]]]) -
   return out
 
 
+def _unmerge(view: View, bounds: Sequence[tuple[int, int]]):
+  """Bounds per target axis -> (bounds per unmerged axis, slices of the merged block to
+  keep). A merged axis is read whole unless the bounds cover all of it: its blocks
+  are not rectangles of the unmerged axes (it is never sharded in our layouts)."""
+  if view.merge is None:
+    return list(bounds), None
+  dims, out, keep, pos = view.unmerged_shape, [], [], 0
+  for (start, stop), count in zip(bounds, view.merge):
+    if count == 1:
+      out.append((start, stop))
+      keep.append(slice(None))
+    else:
+      out += [(0, d) for d in dims[pos:pos + count]]
+      keep.append(slice(start, stop))
+    pos += count
+  return out, tuple(keep)
+
+
 def _read_view(ckpt: Checkpoint, view: View, bounds: Sequence[tuple[int, int]]) -> np.ndarray:
   """The block `bounds` (per target axis) of `view`'s target, from its source's slices."""
+  bounds, keep = _unmerge(view, bounds)
   flat_bounds = [None] * len(view.perm)
   for axis, p in enumerate(view.perm):
     flat_bounds[p] = bounds[axis]
@@ -219,7 +250,11 @@ def _read_view(ckpt: Checkpoint, view: View, bounds: Sequence[tuple[int, int]]) 
     runs.append(_runs(group, flat_bounds[pos:pos + len(group)]))
     pos += len(group)
   block = _read_runs(ckpt, view.name, runs)  # source layout
-  return block.reshape([b - a for a, b in flat_bounds]).transpose(view.perm)
+  block = block.reshape([b - a for a, b in flat_bounds]).transpose(view.perm)
+  if keep is None:
+    return block
+  starts = list(itertools.accumulate((0,) + view.merge))
+  return block.reshape([math.prod(block.shape[a:b]) for a, b in zip(starts, starts[1:])])[keep]
 
 
 def _read_block(ckpt: Checkpoint, source: Source, dtype, index: tuple[slice, ...]) -> np.ndarray:
@@ -280,5 +315,6 @@ def to_tensors(sources: Mapping[Hashable, Source], arrays: Mapping[Hashable, np.
     if value.shape != source.shape:
       raise ValueError(f"{_label(key)}: array of shape {value.shape}, the source layout needs {source.shape}.")
     for view, layer in zip(source.views, value if source.stacked else [value]):
+      layer = layer.reshape(view.unmerged_shape)
       tensors[view.name] = np.ascontiguousarray(layer.transpose(np.argsort(view.perm)).reshape(view.source_shape))
   return tensors

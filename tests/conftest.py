@@ -52,3 +52,26 @@ def tiny_umt5(tmp_path_factory):
   encoder = UMT5Encoder(cfg, rngs=nnx.Rngs(jax.random.key(7)))
   save_pretrained_umt5(encoder, cfg, root / "text_encoder")
   return root
+
+
+TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+                text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory):
+  """A random tiny diffusers `WanTransformer3DModel` saved in the diffusers layout as
+  `<root>/transformer/` (sharded safetensors + index), with every weight perturbed so
+  that no zero- or one-initialised part can match by accident. Returns (root, torch
+  model). Needs torch + diffusers (the `interop` extra)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+
+  torch.manual_seed(0)
+  model = diffusers.WanTransformer3DModel(**TINY_WAN).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))
+  root = tmp_path_factory.mktemp("tiny_wan")
+  model.save_pretrained(root / "transformer", max_shard_size="40KB")  # several shards and their index
+  return root, model

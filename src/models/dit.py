@@ -41,6 +41,12 @@ def dimensions(cfg: ModelConfig) -> tuple[int, int, int]:
   return depth, width, heads
 
 
+def mlp_width(cfg: ModelConfig) -> int:
+  """The MLP's hidden width: model.mlp_dim, else the variant's, else width * mlp_ratio."""
+  width = dimensions(cfg)[1]
+  return cfg.mlp_dim or VARIANTS[cfg.variant].get("mlp") or round(width * cfg.mlp_ratio)
+
+
 def timestep_features(t: jax.Array, dim: int) -> jax.Array:
   """Sinusoidal features of (float) timesteps [...] -> [..., dim], cos then sin."""
   half = dim // 2
@@ -95,7 +101,7 @@ class Block(nnx.Module):
   """adaLN-Zero block: gated self-attention, ungated cross-attention, gated MLP."""
 
   def __init__(self, cfg: ModelConfig, width: int, heads: int, *, rngs: nnx.Rngs):
-    dt, hidden = jnp.dtype(cfg.dtype), int(width * cfg.mlp_ratio)
+    dt, hidden = jnp.dtype(cfg.dtype), mlp_width(cfg)
     self.modulation = param(rngs, zeros, (NUM_MODULATIONS, width), ("modulation", "embed"))
     self.attn = Attention(width, heads, cfg, rngs=rngs)
     if cfg.cond_dim:

@@ -33,6 +33,12 @@ class Task(abc.ABC):
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
     """The trained model, randomly initialised."""
 
+  def pretrained_params(self, abstract: nnx.State) -> nnx.State | None:
+    """The weights a fresh run starts from, read into `abstract` (ShapeDtypeStructs
+    carrying shardings), or None for a random initialisation. Only a fresh run asks:
+    a resume restores its own checkpoint."""
+    return None
+
   def load_frozen(self, mesh, rules) -> dict:
     """What the step uses without training it, loaded now and placed on the mesh: a dict
     of `Frozen` models and arrays (e.g. the VAE, the text encoder); empty if nothing."""

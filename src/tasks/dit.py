@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from src import objectives
+from src import objectives, wan
 from src.batch import ClipBatch, Packing, PackedBatch, captions_as_ids
 from src.captions import drop_captions, encode_captions, tokenizer_dir
 from src.config import ConfigError
@@ -58,6 +58,12 @@ class DiTTask(Task):
 
   def build_model(self, rngs: nnx.Rngs) -> DiT:
     return DiT(self.cfg.model, rngs=rngs)
+
+  def pretrained_params(self, abstract: nnx.State) -> nnx.State | None:
+    """model.init_from: Wan 2.1 weights (diffusers layout or our Orbax copy), each
+    process reading only its devices' blocks."""
+    m = self.cfg.model
+    return wan.load_params(m.init_from, abstract, m) if m.init_from else None
 
   def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
     c = self.cfg
