@@ -48,8 +48,12 @@ def run(cfg, method, steps, seed=0):
   return flat.mean(0), flat.std(0)
 
 
-@pytest.mark.parametrize("method, steps, shift", [("euler", 200, 1.0), ("heun", 50, 1.0), ("euler", 200, 3.0)])
+@pytest.mark.parametrize("method, steps, shift", [("euler", 200, 1.0), ("heun", 50, 1.0), ("euler", 200, 3.0),
+                                                   ("flow_euler", 200, 3.0), ("unipc", 20, 1.0)])
 def test_flow_samplers_reproduce_the_data(method, steps, shift):
+  # unipc at shift 1: diffusers' UniPC grid stops at sigma = shift(1 - 0.999 (S - 1) / S)
+  # (0.21 at S = 20, shift 5) and its last step returns E[x0 | x] from there, which
+  # visibly shrinks the narrow channels at large shifts; that is the reference's grid.
   cfg = ObjectiveConfig(kind="flow", shift=shift)
   mean, std = run(cfg, method, steps)
   np.testing.assert_allclose(mean, MU, atol=2e-2)
