@@ -58,12 +58,17 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=
                 text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2)
 
 
+TINY_WAN_VAE = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                    latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 1.0, 2.0])
+
+
 @pytest.fixture(scope="session")
 def tiny_wan(tmp_path_factory):
-  """A random tiny diffusers `WanTransformer3DModel` saved in the diffusers layout as
-  `<root>/transformer/` (sharded safetensors + index), with every weight perturbed so
-  that no zero- or one-initialised part can match by accident. Returns (root, torch
-  model). Needs torch + diffusers (the `interop` extra)."""
+  """A random tiny diffusers Wan model root: `transformer/`, a `WanTransformer3DModel`
+  (sharded safetensors + index) with every weight perturbed so that no zero- or
+  one-initialised part can match by accident, and `vae/`, an `AutoencoderKLWan` with 4
+  latent channels. Returns (root, the torch transformer). Needs torch + diffusers (the
+  `interop` extra)."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
 
@@ -74,4 +79,10 @@ def tiny_wan(tmp_path_factory):
       p.add_(0.2 * torch.randn_like(p))
   root = tmp_path_factory.mktemp("tiny_wan")
   model.save_pretrained(root / "transformer", max_shard_size="40KB")  # several shards and their index
+  vae = diffusers.AutoencoderKLWan(**TINY_WAN_VAE).eval()
+  with torch.no_grad():  # non-unit norm scales, so a misplaced gamma shows
+    for name, p in vae.named_parameters():
+      if name.endswith("gamma"):
+        p.uniform_(0.5, 1.5)
+  vae.save_pretrained(root / "vae")
   return root, model
