@@ -2,6 +2,7 @@
 diffusers' `WanTransformer3DModel`, sharded import, the Orbax copy and the export."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -201,3 +202,28 @@ def test_orbax_copy_and_export_round_trip(tiny_wan, tmp_path):
   inputs = _inputs(SHAPES[0])
   np.testing.assert_allclose(_reference(loaded, *inputs), _reference(torch_model, *inputs), atol=0)
   assert torch.cuda.is_available() is False
+
+
+@pytest.mark.parametrize("variant, layers", [("wan2.1-t2v-1.3b", 30), ("wan2.1-t2v-14b", 40)])
+def test_published_sizes_map_every_tensor(variant, layers):
+  """The published 1.3B and 14B layouts (diffusers' own module on the meta device:
+  shapes only) map tensor for tensor onto our variants."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from src.config import ModelConfig
+  from src.models.dit import dimensions, mlp_width
+
+  sizes = {"wan2.1-t2v-1.3b": dict(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+           "wan2.1-t2v-14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40)}[variant]
+  with torch.device("meta"):
+    ref = diffusers.WanTransformer3DModel(**sizes)
+  ours = ModelConfig(variant=variant, text_encoder="umt5", in_channels=16, cond_dim=4096)
+  theirs = wan.model_config(dict(ref.config))
+  assert (dimensions(theirs), mlp_width(theirs)) == (dimensions(ours), mlp_width(ours))
+  wan.check_fits(ours, dict(ref.config), variant)
+  want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  got = {v.name: v.source_shape for s in wan.sources(ours).values() for v in s.views}
+  assert got == want
+  n = sum(math.prod(s) for s in want.values())
+  assert n == sum(math.prod(s.shape) for s in wan.sources(ours).values())
+  assert dimensions(ours)[0] == layers
