@@ -14,9 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
-class ConfigError(ValueError):
-  """A config that cannot be used: unknown key, wrong type, bad value."""
-
+from src.config_checks import DATA_SOURCES, TFDS_PREFIX, ConfigError, check as _check  # noqa: F401 (re-exported)
 
 # Tables that choice-valued fields name. Each is the one list of its names: the field's
 # Literal type is built from it, so OmegaConf rejects any other value at load time.
@@ -30,17 +28,23 @@ VARIANTS = {  # model.variant -> DiT sizes (mlp: the MLP width where it is not w
     "wan2.1-t2v-1.3b": dict(depth=30, width=1536, heads=12, mlp=8960),
     "wan2.1-t2v-14b": dict(depth=40, width=5120, heads=40, mlp=13824),
 }
-# model.remat -> the jax.checkpoint_policies member the backward pass keeps (full: the layer inputs alone).
+# model.remat -> what the backward pass keeps (full: the layer inputs alone): a jax.checkpoint_policies member,
+# or (factory, kwargs): the policy a factory (jax.checkpoint_policies', else dit.REMAT_FACTORIES) builds. offload_*
+# move residuals to host memory (pinned_host); block_in is the tagged layer input; attention: splash's out, logsumexp.
+_HOST = dict(offload_src="device", offload_dst="pinned_host")
 REMAT_POLICIES = {
     "none": None,
     "full": "nothing_saveable",
     "dots": "checkpoint_dots",
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
+    "offload_dots_no_batch": ("offload_dot_with_no_batch_dims", _HOST),
+    "offload_inputs": ("save_and_offload_only_these_names",
+                       dict(names_which_can_be_saved=(), names_which_can_be_offloaded=("block_in",), **_HOST)),
+    "attention": ("save_attention", {}),  # keep attention's results on the device, recompute the rest
+    "offload_attention": ("save_attention", dict(offloaded_names=("block_in",), **_HOST)),  # MaxDiffusion's
 }
 # model.attention: auto (splash on TPU, else xla) | xla | splash (TPU Pallas) | cudnn (GPU flash).
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
-TFDS_PREFIX = "tfds:"  # data.source=tfds:<name>: any prepared tfds dataset
-DATA_SOURCES = ("synthetic", "folder", "mixture", "latents")  # and tfds:<name>
 Dtype = Literal["float32", "bfloat16"]
 
 
@@ -161,6 +165,19 @@ class TextConfig:
   checkpoint: str = ""
   tokenizer: str = ""  # spiece.model / tokenizer.json directory; "": found beside the checkpoint
   dtype: Dtype = "float32"  # compute dtype; parameters stay float32
+
+
+@dataclass
+class LoRAConfig:
+  """Low-rank adapters (src.lora): rank 0 trains every parameter; rank > 0 trains only
+  adapters on the `targets` (group names of lora.GROUPS: attn, cross, ffn, time, text;
+  or regular expressions over layer paths such as blocks.attn.q), the base frozen."""
+
+  rank: int = 0
+  alpha: float = 0.0  # the update is (alpha / rank) x A B; 0: alpha = rank
+  dropout: float = 0.0  # on the adapters' input, in training
+  targets: List[str] = field(default_factory=lambda: ["attn", "cross", "ffn"])
+  base_dtype: Dtype = "float32"  # the frozen base's storage; bfloat16 halves it
 
 
 @dataclass
@@ -287,6 +304,7 @@ class Config:
   model: ModelConfig = field(default_factory=ModelConfig)
   vae: VAEConfig = field(default_factory=VAEConfig)
   text: TextConfig = field(default_factory=TextConfig)
+  lora: LoRAConfig = field(default_factory=LoRAConfig)
   objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
   optim: OptimConfig = field(default_factory=OptimConfig)
   data: DataConfig = field(default_factory=DataConfig)
@@ -324,40 +342,6 @@ def _explain(err: OmegaConfBaseException, source: str, key: str = "") -> ConfigE
     what = "bad value" if msg.startswith("Invalid value") else "wrong type"  # Literal choices say the former
     return ConfigError(f"{source}: {what} for config key '{key}': {msg}")
   return ConfigError(f"{source}: {str(err).splitlines()[0]} (key '{key}')")
-
-
-def _check(cfg: Config) -> None:
-  """Checks of single fields and of fields that only make sense together, whatever the
-  task. Checks that depend on what is trained belong to the task (`src.tasks`)."""
-  source = cfg.data.source
-  if source not in DATA_SOURCES and not (source.startswith(TFDS_PREFIX) and len(source) > len(TFDS_PREFIX)):
-    raise ConfigError(f"config key 'data.source' = {source!r}; expected one of {', '.join(DATA_SOURCES)}, "
-                      f"{TFDS_PREFIX}<name>.")
-  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.sequence, cfg.mesh.tensor]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1.")
-  _check_shapes(cfg.data, cfg.model.patch)
-  if cfg.train.max_bad_steps < 1:
-    raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1.")
-  if not 0.0 <= cfg.objective.cond_dropout <= 1.0:
-    raise ConfigError(f"objective.cond_dropout={cfg.objective.cond_dropout} must lie in [0, 1].")
-
-
-def _check_shapes(d: DataConfig, patch) -> None:
-  pt = patch[0]
-  if d.pack_buffer < 1.0:
-    raise ConfigError(f"data.pack_buffer={d.pack_buffer}: the buffer must hold at least one batch (>= 1).")
-  if not 0.0 <= d.image_fraction <= 1.0 or not 0.0 <= d.token_drop < 1.0:
-    raise ConfigError("data.image_fraction must lie in [0, 1] and data.token_drop in [0, 1).")
-  if d.area <= 0:
-    return
-  if d.seq_len <= 0:
-    raise ConfigError("data.area > 0 (mixed shapes) needs a fixed row length: set data.seq_len.")
-  frames = list(d.frame_counts) or [d.frames]
-  if any(f % pt for f in frames) or (d.image_fraction > 0 and pt != 1):
-    raise ConfigError(f"data.frame_counts={frames} (and images) must be multiples of patch pt={pt}.")
-  if not d.aspect_ratios or min(d.aspect_ratios) <= 0:
-    raise ConfigError("data.aspect_ratios must be a non-empty list of positive W/H ratios.")
 
 
 def load(path: str | Path | None = None, overrides: List[str] = ()) -> Config:

@@ -4,6 +4,7 @@ PyTorch at run time.
     python -m src.convert vae --src DIR --dst DIR
     python -m src.convert wan --src DIR --dst DIR
     python -m src.convert export --workdir RUN [--ema] --dst DIR
+    python -m src.convert export --workdir LORA_RUN [--ema] --lora-only --dst FILE.safetensors
 
 `vae` reads a diffusers `AutoencoderKLWan` directory (`config.json` +
 `diffusion_pytorch_model.safetensors`, e.g. the `vae/` folder of
@@ -12,7 +13,9 @@ that `vae.checkpoint` reads. `wan` does the same for a `WanTransformer3DModel`
 directory (the `transformer/` folder, sharded safetensors + index): an Orbax copy that
 `model.init_from` and `load_pretrained_wan` read faster. `export` writes a run's newest
 checkpoint (raw or EMA weights) as a diffusers `transformer/` directory that
-`WanTransformer3DModel.from_pretrained` loads. Every tensor must be used exactly once
+`WanTransformer3DModel.from_pretrained` loads; of a LoRA run, the adapters as the LoRA
+file diffusers' Wan pipelines load (`load_lora_weights`), or merged into the base
+(`--merge`). Every tensor must be used exactly once
 with the expected shape; anything else is an error naming it.
 
 For parity checks in a few lines:
@@ -35,10 +38,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-from src import wan
+from src import wan, wan_lora
 from src.checkpoint import CheckpointNotFoundError
 from src.pretrained import load_pretrained_vae, save_vae
-from src.runs import load_run
+from src import lora as lora_lib
+from src.runs import load_base, load_task_run
 from src.wan import load_pretrained_wan, wan_forward  # noqa: F401 (the parity API above)
 
 log = logging.getLogger(__name__)
@@ -63,11 +67,24 @@ def convert_wan(src: str | Path, dst: str | Path, overwrite: bool = False) -> Pa
 
 
 def export_run(workdir: str | Path, dst: str | Path, use_ema: bool = False, dtype: str = "float32",
-               max_shard_gb: float = 5.0) -> Path:
-  """The newest checkpoint of the run in `workdir` as a diffusers transformer directory."""
-  cfg, _, params = load_run(workdir, use_ema=use_ema)
-  return wan.export_diffusers(params, cfg.model, dst, dtype=np.dtype(jax.numpy.dtype(dtype)),
-                              max_shard_bytes=int(max_shard_gb * 1e9))
+               max_shard_gb: float = 5.0, lora_only: bool = False, merge: bool = False) -> Path:
+  """The newest checkpoint of the run in `workdir` as a diffusers transformer directory;
+  a LoRA run's adapters as one diffusers LoRA file (`lora_only`), or folded into its
+  base and exported whole (`merge`)."""
+  cfg, task, _, params = load_task_run(workdir, use_ema=use_ema)
+  np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  if not task.trains_adapters:
+    if lora_only or merge:
+      raise ValueError(f"{workdir} is not a LoRA run (lora.rank=0): export it without --lora-only / --merge")
+    return wan.export_diffusers(params, cfg.model, dst, dtype=np_dtype, max_shard_bytes=int(max_shard_gb * 1e9))
+  scale = lora_lib.scale(cfg.lora)
+  if lora_only:
+    return wan_lora.export_lora(params, cfg.model, scale, dst, dtype=np_dtype)
+  if not merge:
+    raise ValueError(f"{workdir} is a LoRA run: export its adapters (--lora-only) or the merged model (--merge)")
+  base = load_base(workdir, task)
+  merged = lora_lib.merged_kernels(wan.host_params(base), wan.host_params(params), scale)
+  return wan.export_diffusers(merged, cfg.model, dst, dtype=np_dtype, max_shard_bytes=int(max_shard_gb * 1e9))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +115,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   export.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw weights)")
   export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="tensor dtype written")
   export.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors file (diffusers: 5)")
+  lora = export.add_mutually_exclusive_group()
+  lora.add_argument("--lora-only", action="store_true",
+                    help="a LoRA run: write its adapters as one diffusers LoRA file (--dst FILE.safetensors)")
+  lora.add_argument("--merge", action="store_true", help="a LoRA run: fold the adapters into the base, export it whole")
   return parser.parse_args(argv)
 
 
@@ -110,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.model == "wan":
       convert_wan(args.src, args.dst, overwrite=args.overwrite)
     else:
-      export_run(args.workdir, args.dst, use_ema=args.ema, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
+      export_run(args.workdir, args.dst, use_ema=args.ema, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                 lora_only=args.lora_only, merge=args.merge)
   except (CheckpointNotFoundError, OSError, ValueError) as e:  # bad paths, bad weights, unsupported configs
     raise SystemExit(f"error: {e}") from None
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from src import samplers
+from src.state import merged
 from src.captions import encode_captions, tokenizer_dir
 from src.config import Config
 from src.data.sources import caption_tokens
@@ -87,7 +87,8 @@ class Sampler:
         reps = x.shape[0] // rows
         halves = packings if reps == 2 and umt5 else [packings[0]] * reps
         p = jax.tree.map(lambda *a: jnp.concatenate(a), *halves)
-        return nnx.merge(graphdef, params)(x, t, p, extra_drop | jnp.concatenate([jnp.asarray(drop)] * reps))
+        model = merged(graphdef, params, frozen)  # with a LoRA run's frozen base
+        return model(x, t, p, extra_drop | jnp.concatenate([jnp.asarray(drop)] * reps))
 
       k_noise, k_sample = jax.random.split(key)
       noise = jax.random.normal(k_noise, self.packed.tokens.shape)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
 from src import media, storage
 from src import mesh as mesh_lib
+from src.state import merged
 from src.checkpoint import Checkpointer
 from src.config import TrainConfig
 
@@ -119,7 +119,7 @@ class Evaluator:
     self.levels, self.frozen = task.eval_levels(), frozen
     key = jax.random.PRNGKey(EVAL_SEED)
     self._loss = jax.jit(lambda params, batch, level, frozen: task.eval_loss(
-        nnx.merge(graphdef, params), batch, level, key, frozen))
+        merged(graphdef, params, frozen), batch, level, key, frozen))
 
   def __call__(self, params) -> dict[str, float]:
     losses = {name: float(np.mean([self._loss(params, b, level, self.frozen) for b in self.batches]))

@@ -59,6 +59,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # heads] are tiny (32 x 64 per layer) and split by heads like the attention.
     "vocab": None,
     "rel_buckets": None,
+    # LoRA adapters A [*in, r], B [r, *out]: the rank axis is small, the other axis is
+    # split like the kernel's.
+    "lora_rank": None,
 }
 
 

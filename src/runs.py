@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from src import config as config_lib
@@ -17,7 +19,8 @@ from src import mesh as mesh_lib
 from src import storage
 from src.checkpoint import Checkpointer, CheckpointNotFoundError
 from src.config import Config
-from src.state import abstract_model
+from src.lora import check_fingerprint
+from src.state import abstract_model, fingerprint_of
 from src.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
@@ -50,3 +53,18 @@ def load_task_run(workdir: str | Path, use_ema: bool = True) -> tuple[Config, Ta
     ckpt.close()
   log.info("loaded step %d of %s (%s weights)", step, workdir, "EMA" if use_ema else "raw")
   return cfg, task, graphdef, params
+
+
+def load_base(workdir: str | Path, task: Task) -> nnx.State:
+  """A LoRA run's frozen base on this host's devices, checked against the fingerprint
+  its checkpoint saved (the adapters are meaningless on another base)."""
+  mesh, rules = mesh_lib.make_mesh(task.cfg.mesh), mesh_lib.make_rules()
+  base = task.base(mesh, rules)
+  ckpt = Checkpointer(workdir)
+  try:
+    like = jax.ShapeDtypeStruct((len(jax.tree.leaves(base)), 2), jnp.float32, sharding=mesh_lib.replicated(mesh))
+    saved = ckpt.restore_part("base_fingerprint", like)
+  finally:
+    ckpt.close()
+  check_fingerprint(saved, fingerprint_of({"base": base}), task.cfg.model.init_from or f"random, seed {task.cfg.seed}")
+  return base

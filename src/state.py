@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from src import lora as lora_lib
 from src import mesh as mesh_lib
 from src import optim
 
@@ -31,6 +32,10 @@ class TrainState:
   ema: nnx.State
   rng: jax.Array  # raw uint32 key; each step folds in its step number
   bad_steps: jax.Array  # non-finite steps in a row, each skipped (`train_step`)
+  # LoRA: the frozen base's `lora.fingerprint` [n, 2] the adapters were trained on
+  # (checked at resume); [1, 2] zeros when every parameter is trained (Orbax stores no
+  # empty arrays).
+  base_fingerprint: jax.Array
 
 
 @struct.dataclass
@@ -60,36 +65,52 @@ def place_frozen(frozen: Frozen | None, mesh) -> Frozen | None:
   return frozen.replace(params=jax.device_put(frozen.params, sharding))
 
 
-def abstract_model(task, mesh, rules) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(task, mesh, rules, part: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, params as ShapeDtypeStructs carrying their shardings): the model's
-  layout without allocating it, e.g. the target of a checkpoint restore."""
+  layout without allocating it, e.g. the target of a checkpoint restore. `part` 0 is
+  what is trained (`task.trainable`: every parameter, or a LoRA run's adapters), 1 the
+  rest (a LoRA run's frozen base)."""
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))))
-    shardings = nnx.get_named_sharding(abs_params, mesh)
-  return graphdef, mesh_lib.with_shardings(abs_params, shardings)
+    graphdef, *parts = nnx.split(nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), task.trainable, ...)
+    shardings = nnx.get_named_sharding(parts[part], mesh)
+  return graphdef, mesh_lib.with_shardings(parts[part], shardings)
 
 
-def create_model(task, mesh, rules, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
-  """Build the task's model with every parameter born sharded: (graphdef, params)."""
-  graphdef, abstract = abstract_model(task, mesh, rules)
+def create_model(task, mesh, rules, seed: int, part: int = 0) -> tuple[nnx.GraphDef, nnx.State]:
+  """Build `part` of the task's model (see `abstract_model`) from `seed`, every parameter
+  born sharded: (graphdef, params). The other part is never computed (jit drops it)."""
+  graphdef, abstract = abstract_model(task, mesh, rules, part)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    init = jax.jit(lambda key: nnx.split(task.build_model(nnx.Rngs(key)))[1], out_shardings=shardings)
-    return graphdef, init(jax.random.key(seed))
+    split = lambda key: nnx.split(task.build_model(nnx.Rngs(key)), task.trainable, ...)[1 + part]
+    return graphdef, jax.jit(split, out_shardings=shardings)(jax.random.key(seed))
 
 
-def init_state(task, mesh, rules, optimizer, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+def merged(graphdef: nnx.GraphDef, params: nnx.State, frozen: dict | None) -> nnx.Module:
+  """The model of trained `params`, with a LoRA run's frozen base (`frozen["base"]`)."""
+  base = (frozen or {}).get("base")
+  return nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
+
+
+def fingerprint_of(frozen: dict | None) -> jax.Array:
+  base = (frozen or {}).get("base")
+  return lora_lib.fingerprint(base) if base is not None else jnp.zeros((1, 2), jnp.float32)
+
+
+def init_state(task, mesh, rules, optimizer, seed: int, frozen: dict | None = None) -> tuple[nnx.GraphDef, TrainState]:
   """A fresh state: the task's pretrained weights (`Task.pretrained_params`, read
-  straight into their shardings) or a random init, a zero optimizer state, EMA = params."""
+  straight into their shardings) or a random init, a zero optimizer state, EMA = params;
+  with a LoRA base in `frozen`, its fingerprint."""
   graphdef, abstract = abstract_model(task, mesh, rules)
   params = task.pretrained_params(abstract)
   if params is None:
     graphdef, params = create_model(task, mesh, rules, seed)
   with jax.set_mesh(mesh):
     opt_state = jax.jit(optimizer.init, out_shardings=optim.state_shardings(optimizer, params, mesh))(params)
+    fp = jax.device_put(jax.jit(fingerprint_of)(frozen), mesh_lib.replicated(mesh))
     state = TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-        ema=jax.tree.map(jnp.copy, params), rng=jax.random.PRNGKey(seed + 1), bad_steps=jnp.zeros((), jnp.int32))
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, ema=jax.tree.map(jnp.copy, params),
+        rng=jax.random.PRNGKey(seed + 1), bad_steps=jnp.zeros((), jnp.int32), base_fingerprint=fp)
   return graphdef, state
 
 
@@ -101,14 +122,16 @@ def abstract_state(task, mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainSta
                                       optim.state_shardings(optimizer, params, mesh))
   replicated = mesh_lib.replicated(mesh)
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  bases = len(jax.tree.leaves(abstract_model(task, mesh, rules, part=1)[1])) if task.trains_adapters else 1
   return graphdef, TrainState(step=scalar, params=params, opt_state=opt_state, ema=params,
-                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated), bad_steps=scalar)
+                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated), bad_steps=scalar,
+                              base_fingerprint=jax.ShapeDtypeStruct((bases, 2), jnp.float32, sharding=replicated))
 
 
 def train_step(state: TrainState, batch, frozen: dict | None, *, graphdef, task, optimizer, schedule,
                ema_decay: float):
   rng = jax.random.fold_in(state.rng, state.step)
-  loss_fn = lambda params: task.loss(nnx.merge(graphdef, params), batch, rng, frozen)
+  loss_fn = lambda params: task.loss(merged(graphdef, params, frozen), batch, rng, frozen)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

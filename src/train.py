@@ -22,7 +22,8 @@ from src import hooks, optim, storage, tasks
 from src import mesh as mesh_lib
 from src.checkpoint import Checkpointer
 from src.config import Config
-from src.state import abstract_state, compile_step, init_state
+from src.lora import check_fingerprint
+from src.state import abstract_state, compile_step, fingerprint_of, init_state
 
 log = logging.getLogger("src.train")
 
@@ -38,7 +39,7 @@ def train(cfg: Config) -> dict:
   data = task.batches("train", jax.process_index(), jax.process_count())
   frozen = task.load_frozen(mesh, rules)
   ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
-  graphdef, state = restore_or_init(task, mesh, rules, optimizer, ckpt, data)
+  graphdef, state = restore_or_init(task, mesh, rules, optimizer, ckpt, data, frozen)
   step_fn = timed_compile(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   start, t = int(state.step), cfg.train
   writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start), hooks.StepMeter()
@@ -88,14 +89,19 @@ def check_batch_split(batch_size: int, mesh, rules) -> None:
                      "mesh sizes.")
 
 
-def restore_or_init(task, mesh, rules, optimizer, ckpt: Checkpointer, data):
+def restore_or_init(task, mesh, rules, optimizer, ckpt: Checkpointer, data, frozen: dict | None = None):
   """The newest checkpoint's state, restored into shapes (nothing initialised first,
-  the data iterator repositioned), or a fresh state."""
+  the data iterator repositioned), or a fresh state. A LoRA run's adapters resume only
+  on the base they were trained on (its fingerprint, saved in the state)."""
   if ckpt.latest_step() is None:
-    graphdef, state = init_state(task, mesh, rules, optimizer, task.cfg.seed)
+    graphdef, state = init_state(task, mesh, rules, optimizer, task.cfg.seed, frozen)
   else:
     graphdef, like = abstract_state(task, mesh, rules, optimizer)
     state = ckpt.restore(like, data)
+    if task.trains_adapters:
+      with jax.set_mesh(mesh):
+        current = jax.jit(fingerprint_of)(frozen)
+      check_fingerprint(state.base_fingerprint, current, task.cfg.model.init_from or f"random, seed {task.cfg.seed}")
   log.info("model: %.2fM parameters", sum(x.size for x in jax.tree.leaves(state.params)) / 1e6)
   return graphdef, state
 

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors.numpy import save_file
 
+from src import lora as lora_lib
 from src import mesh as mesh_lib
 from src import weights
 from src.config import ConfigError, ModelConfig
@@ -294,14 +295,16 @@ def save_orbax(params: nnx.State, m: ModelConfig, dst: str | Path, overwrite: bo
   return dst
 
 
-def export_diffusers(params: nnx.State, m: ModelConfig, dst: str | Path, *, dtype=np.float32,
+def export_diffusers(params, m: ModelConfig, dst: str | Path, *, dtype=np.float32,
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-  """Write `params` as a diffusers `WanTransformer3DModel` directory: config.json and
-  safetensors shards of at most `max_shard_bytes` with their index (one file when it
-  all fits), in `dtype`. Loadable by `WanTransformer3DModel.from_pretrained(dst)`."""
+  """Write `params` (an nnx.State, or host arrays by path) as a diffusers
+  `WanTransformer3DModel` directory: config.json and safetensors shards of at most
+  `max_shard_bytes` with their index (one file when it all fits), in `dtype`. Loadable
+  by `WanTransformer3DModel.from_pretrained(dst)`."""
   dst = Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  arrays = {p: a for p, a in host_params(params).items() if p not in OURS_ONLY}
+  arrays = params if isinstance(params, dict) else host_params(params)
+  arrays = {p: a for p, a in arrays.items() if p not in OURS_ONLY and not lora_lib.is_adapter(p)}
   tensors = {k: v.astype(dtype) for k, v in weights.to_tensors(sources(m), arrays).items()}
   shards, size = [[]], 0
   for name in sorted(tensors):

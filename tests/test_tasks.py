@@ -132,7 +132,7 @@ def test_the_model_never_sees_the_clean_tokens(overrides):
   clean = task.to_tokens(batch, jax.random.split(jax.random.key(3), 4)[3], frozen).tokens
   calls = []
 
-  def spy(tokens, time, packing, drop=None):
+  def spy(tokens, time, packing, drop=None, key=None):
     calls.append((tokens, packing))
     return jnp.zeros_like(tokens)
 

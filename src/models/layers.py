@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from src.lora import RANK_AXIS, LoRAParam
+
 Names = Sequence[str | None]
 zeros = nnx.initializers.zeros_init()
 
@@ -56,24 +58,43 @@ class Dense(nnx.Module):
 
   Multi-dimensional in/out shapes let q/k/v keep a separate heads axis
   ([embed, heads, head_dim]) so tensor parallelism never splits a fused axis.
+  `lora` = (rank, scale, dropout): a low-rank adapter x -> s (x A) B next to the
+  kernel (`src.lora`: A random, B zero, so the layer starts as it was).
   """
 
   def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], names: Names, *,
                rngs: nnx.Rngs, use_bias: bool = True, zero_init: bool = False,
-               dtype=jnp.float32):
+               dtype=jnp.float32, lora: tuple[int, float, float] = (0, 1.0, 0.0)):
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    n_in, n_out = len(in_shape), len(out_shape)
     fan_in_init = nnx.initializers.variance_scaling(
-        1.0, "fan_avg", "uniform", in_axis=tuple(range(len(in_shape))),
-        out_axis=tuple(range(len(in_shape), len(in_shape) + len(out_shape))))
+        1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
     self.kernel = param(rngs, zeros if zero_init else fan_in_init, in_shape + out_shape, names, decay=True)
-    self.bias = param(rngs, zeros, out_shape, names[len(in_shape):]) if use_bias else None
-    self.n_in = len(in_shape)
+    self.bias = param(rngs, zeros, out_shape, names[n_in:]) if use_bias else None
+    self.n_in = n_in
     self.dtype = dtype
+    rank, self.lora_scale, self.lora_dropout = lora
+    if not rank:
+      self.lora_a = self.lora_b = None
+    else:
+      a_init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=n_in)
+      self.lora_a = LoRAParam(a_init(rngs.params(), in_shape + (rank,), jnp.float32),
+                              out_sharding=tuple(names[:n_in]) + (RANK_AXIS,), eager_sharding=False, decay=True)
+      self.lora_b = LoRAParam(jnp.zeros((rank,) + out_shape, jnp.float32),
+                              out_sharding=(RANK_AXIS,) + tuple(names[n_in:]), eager_sharding=False, decay=True)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=self.n_in)
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """`key`: the adapter's dropout (training only; None: none)."""
+    x = x.astype(self.dtype)
+    y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:
+      if key is not None and self.lora_dropout > 0:
+        keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(x.dtype)
+      h = jnp.tensordot(x, self.lora_a[...].astype(self.dtype), axes=self.n_in)  # [..., r]
+      y = y + self.lora_scale * jnp.tensordot(h, self.lora_b[...].astype(self.dtype), axes=1)
     return y
 
 

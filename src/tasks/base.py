@@ -25,6 +25,8 @@ class Task(abc.ABC):
     self.check()
 
   scans_layers = False  # whether the model's layers are a lax.scan (its body counted once by XLA's cost analysis)
+  trainable = nnx.Param  # the variables the optimizer trains; the rest of the model (a LoRA base) is frozen
+  trains_adapters = False  # a LoRA run: `frozen["base"]` holds the rest of the model
 
   def check(self) -> None:
     """Raise `config.ConfigError` for a config this task cannot run."""

@@ -17,13 +17,17 @@ from src.data.clips import make_clip_iterator
 from src.data.pipeline import make_iterator
 from src.data.sources import clip_source
 from src.generate import Sampler, Spec
+from src.lora import LoRAParam
 from src.models.dit import DiT
 from src.models.patch import patchify
 from src.models.vae import VideoVAE
 from src.pretrained import load_vae
-from src.state import Frozen, place_frozen
+from src.state import Frozen, abstract_model, create_model, place_frozen
 from src.tasks.base import Task
 from src.tasks.text import abstract_text_frozen, check_text, text_frozen
+
+
+LORA_DROPOUT_STREAM = 7  # folded into the step's key for the adapters' dropout
 
 
 class DiTTask(Task):
@@ -57,13 +61,36 @@ class DiTTask(Task):
                         f"fit data.seq_len={d.seq_len}.")
 
   def build_model(self, rngs: nnx.Rngs) -> DiT:
-    return DiT(self.cfg.model, rngs=rngs)
+    return DiT(self.cfg.model, rngs=rngs, lora=self.cfg.lora)
+
+  @property
+  def trains_adapters(self) -> bool:
+    return self.cfg.lora.rank > 0
+
+  @property
+  def trainable(self):
+    return LoRAParam if self.trains_adapters else nnx.Param
 
   def pretrained_params(self, abstract: nnx.State) -> nnx.State | None:
     """model.init_from: Wan 2.1 weights (diffusers layout or our Orbax copy), each
-    process reading only its devices' blocks."""
+    process reading only its devices' blocks; for a LoRA run they are the frozen base
+    (`load_frozen`), and the adapters start fresh."""
     m = self.cfg.model
-    return wan.load_params(m.init_from, abstract, m) if m.init_from else None
+    return wan.load_params(m.init_from, abstract, m) if m.init_from and not self.trains_adapters else None
+
+  def base(self, mesh, rules, abstract_only: bool = False):
+    """A LoRA run's frozen base: the init_from weights (else the seed's random init),
+    born sharded by the rules, stored in lora.base_dtype (or only its shapes)."""
+    dtype = jnp.dtype(self.cfg.lora.base_dtype)
+    _, abstract = abstract_model(self, mesh, rules, part=1)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding), abstract)
+    if abstract_only:
+      return abstract
+    m = self.cfg.model
+    if m.init_from:
+      return wan.load_params(m.init_from, abstract, m)
+    base = create_model(self, mesh, rules, self.cfg.seed, part=1)[1]
+    return jax.jit(lambda b: jax.tree.map(lambda x: x.astype(dtype), b), donate_argnums=0)(base)
 
   def batches(self, split: str = "train", process_index: int = 0, process_count: int = 1):
     c = self.cfg
@@ -78,10 +105,12 @@ class DiTTask(Task):
     return tokenizer_dir(self.cfg.text) if self.cfg.model.text_encoder == "umt5" else ""
 
   def load_frozen(self, mesh, rules) -> dict:
-    return text_frozen(self.cfg, mesh, rules)
+    frozen = text_frozen(self.cfg, mesh, rules)
+    return {**frozen, "base": self.base(mesh, rules)} if self.trains_adapters else frozen
 
   def abstract_frozen(self, mesh, rules) -> dict:
-    return abstract_text_frozen(self.cfg, mesh, rules)
+    frozen = abstract_text_frozen(self.cfg, mesh, rules)
+    return {**frozen, "base": self.base(mesh, rules, abstract_only=True)} if self.trains_adapters else frozen
 
   def to_tokens(self, batch, key: jax.Array, frozen: dict) -> PackedBatch:
     """The packed latent batch the DiT trains on, caption embeddings included: umT5 ids
@@ -124,7 +153,9 @@ class DiTTask(Task):
     drop = jax.random.uniform(k_drop, (rows, slots)) < (obj.cond_dropout if level is None else 0.0)
     if self.cfg.model.text_encoder == "umt5":  # a dropped caption is the empty prompt's, as in Wan
       p = p.replace(cond=drop_captions(p.cond, drop, frozen["null_text"]))
-    pred = model(x_t, objectives.model_time(obj, t), p, drop)
+    # LoRA dropout (training only): a key of its own, so the other draws stay as they were.
+    k_lora = jax.random.fold_in(rng, LORA_DROPOUT_STREAM) if level is None and self.cfg.lora.dropout > 0 else None
+    pred = model(x_t, objectives.model_time(obj, t), p, drop, key=k_lora)
     return objectives.masked_loss(obj, pred, target, p.segment_ids, objectives.loss_weight(obj, t))
 
   def count_tokens(self, batch: PackedBatch) -> tuple[int, int]:
