@@ -38,6 +38,8 @@ def parse_args(argv):
   p.add_argument("--text-embeddings", help="--pretrained without text_encoder/: .npz with 'prompt' [L, D] "
                  "(and 'negative') umT5 embeddings, zero past the caption, as WanPipeline's prompt_embeds")
   p.add_argument("--shift", type=float, help="--pretrained: flow shift (default: scheduler/ of the root, else 3.0)")
+  p.add_argument("--lora", help="--pretrained: a diffusers Wan LoRA file (.safetensors) folded into the transformer")
+  p.add_argument("--lora-scale", type=float, default=1.0, help="--pretrained: the LoRA's strength")
   p.add_argument("--label", type=int, help="class label (class-conditional models)")
   p.add_argument("--prompt", help="caption (caption-conditioned models)")
   p.add_argument("--negative-prompt", default="",
@@ -134,7 +136,7 @@ def sample_pretrained(args) -> list:
   from src.wan_pipeline import WanPipeline
 
   width, height = (int(v) for v in args.size.lower().split("x"))
-  pipe = WanPipeline.from_pretrained(args.pretrained)
+  pipe = WanPipeline.from_pretrained(args.pretrained, lora=args.lora, lora_scale=args.lora_scale)
   shape = pipe.latent_shape(args.frames or 81, height, width)
   text, negative = pretrained_embeddings(args, pipe)
   videos = []

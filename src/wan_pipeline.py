@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from src import samplers, wan
+from src import samplers, wan, wan_lora
 from src.batch import Packing
 from src.captions import encode_captions
 from src.config import ObjectiveConfig
@@ -111,10 +111,14 @@ class WanPipeline:
   shift: float = DEFAULT_SHIFT
 
   @classmethod
-  def from_pretrained(cls, root: str | Path, dtype: str = "float32") -> WanPipeline:
-    """The parts of a diffusers Wan model root that exist (transformer/ is required)."""
+  def from_pretrained(cls, root: str | Path, dtype: str = "float32", lora: str | Path | None = None,
+                      lora_scale: float = 1.0) -> WanPipeline:
+    """The parts of a diffusers Wan model root that exist (transformer/ is required);
+    `lora`: a diffusers Wan LoRA file folded into the transformer at `lora_scale`."""
     root = Path(root)
     model = wan.load_pretrained_wan(root, dtype=dtype)
+    if lora:
+      model = wan_lora.merge_lora(model, wan_lora.load_lora(lora, model.cfg), lora_scale)
     vae = load_pretrained_vae(root / "vae")[0] if (root / "vae").is_dir() else None
     text = tokenizer = None
     if (root / "text_encoder").is_dir():

@@ -151,3 +151,17 @@ def test_lora_config_errors():
     C.load(None, ["lora.rank=4", "lora.targets=[attn(]"])
   with pytest.raises(C.ConfigError, match="lora.rank"):
     C.load(None, ["lora.rank=-1"])
+
+
+def test_dropout_acts_in_training_only():
+  from tests.test_dit import CFG, make_batch
+
+  cfg = C.load(None, LORA + ["lora.dropout=0.5"])
+  graphdef, adapters, base = nnx.split(DiT(CFG, rngs=nnx.Rngs(0), lora=cfg.lora), LoRAParam, ...)
+  noisy = lambda tree, seed: jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(seed), x.shape), tree)
+  model = nnx.merge(graphdef, noisy(adapters, 2), noisy(base, 1))  # B != 0: the adapters contribute
+  batch, t = make_batch(), jnp.full((2, 1), 400.0)
+  plain = np.asarray(model(batch.tokens, t, batch.packing))
+  dropped = [np.asarray(model(batch.tokens, t, batch.packing, key=jax.random.key(k))) for k in (0, 1)]
+  assert np.abs(dropped[0] - plain).max() > 1e-3 and np.abs(dropped[0] - dropped[1]).max() > 1e-3
+  np.testing.assert_array_equal(np.asarray(model(batch.tokens, t, batch.packing)), plain)  # no key: no dropout

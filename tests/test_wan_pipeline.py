@@ -139,3 +139,39 @@ def test_cli_with_the_umt5_text_encoder(tiny_wan, tiny_umt5, tmp_path):
                       "--num", "1", "--out", str(tmp_path / "s.png")]) == 0
   want = _expected_png(pipe, text, pipe.encode_prompt(["a blue circle"]))
   np.testing.assert_array_equal(_written_png(tmp_path / "s-0.png"), want[..., :3])
+
+
+def test_cli_with_a_lora_file(pipelines, tiny_wan, tmp_path):
+  """--lora FILE folds a diffusers Wan LoRA into the transformer: the output is the
+  merged model's; --lora-scale 0 is the base again."""
+  from flax import nnx
+  from safetensors.numpy import save_file
+
+  from src import sample, wan, wan_lora
+  from src.pretrained import WeightsError
+
+  ours = pipelines[0]
+  m = ours.model.cfg
+  rng = np.random.default_rng(5)
+  adapters, params = {}, wan.host_params(nnx.state(ours.model))
+  for layer in [("blocks", "attn", "q"), ("blocks", "attn", "k"), ("blocks", "fc1")]:
+    kernel = params[layer + ("kernel",)]
+    adapters[layer + ("lora_a",)] = rng.normal(size=kernel.shape[:2] + (3,)).astype(np.float32)
+    adapters[layer + ("lora_b",)] = 0.3 * rng.normal(size=(kernel.shape[0], 3) + kernel.shape[2:]).astype(np.float32)
+  wan_lora.export_lora(adapters, m, 1.0, tmp_path / "style.safetensors")
+  text, negative = (rng.normal(size=(7, 24)).astype(np.float32) for _ in range(2))
+  np.savez(tmp_path / "emb.npz", prompt=text, negative=negative)
+  args = ["--pretrained", str(tiny_wan[0]), "--text-embeddings", str(tmp_path / "emb.npz"), "--size",
+          f"{WIDTH}x{HEIGHT}", "--frames", str(FRAMES), "--steps", "2", "--num", "1", "--lora",
+          str(tmp_path / "style.safetensors")]
+  assert sample.main(args + ["--out", str(tmp_path / "a.png")]) == 0
+  merged = WanPipeline(wan_lora.merge_lora(ours.model, adapters, 0.7), ours.vae, shift=ours.shift)
+  assert sample.main(args + ["--lora-scale", "0.7", "--out", str(tmp_path / "b.png")]) == 0
+  np.testing.assert_array_equal(_written_png(tmp_path / "b-0.png"), _expected_png(merged, text[None], negative[None])[..., :3])
+  assert np.abs(_written_png(tmp_path / "a-0.png").astype(int) - _written_png(tmp_path / "b-0.png")).max() > 0
+  assert sample.main(args + ["--lora-scale", "0", "--out", str(tmp_path / "c.png")]) == 0
+  np.testing.assert_array_equal(_written_png(tmp_path / "c-0.png"), _expected_png(ours, text[None], negative[None])[..., :3])
+  save_file({"transformer.nowhere.lora_A.weight": np.zeros((3, 4), np.float32)}, tmp_path / "bad.safetensors")
+  with pytest.raises(WeightsError, match="'transformer.nowhere.lora_A.weight' adapts no module"):
+    wan_lora.load_lora(tmp_path / "bad.safetensors", m)
+  assert sample.main(args[:-1] + [str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "d.png")]) == 2
