@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -354,6 +355,10 @@ def load(path: str | Path | None = None, overrides: List[str] = ()) -> Config:
       merged = OmegaConf.merge(merged, OmegaConf.load(path))
   except OmegaConfBaseException as e:
     raise _explain(e, str(path)) from None
+  except yaml.YAMLError as e:  # a syntax error: file, line and column, one line
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    raise ConfigError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"override '{item}' is not of the form key.sub=value.")

@@ -18,6 +18,34 @@ class ConfigError(ValueError):
 TFDS_PREFIX = "tfds:"  # data.source=tfds:<name>: any prepared tfds dataset
 DATA_SOURCES = ("synthetic", "folder", "mixture", "latents")  # and tfds:<name>
 
+# The valid range of every numeric field (a test keeps this table complete). Interval
+# notation: "[1, inf)" is >= 1; "(0, 1)" excludes both ends. Optional fields (None: the
+# variant's) are checked when set; mesh sizes (-1: the rest) are checked in `check`.
+POSITIVE, COUNT, FRACTION = "[1, inf)", "[0, inf)", "[0, 1]"
+RANGES = {
+    "seed": COUNT,
+    **{f"model.{k}": POSITIVE for k in ("depth", "width", "heads", "mlp_dim", "in_channels", "text_depth")},
+    "model.freq_dim": "[2, inf)", "model.mlp_ratio": "(0, inf)", "model.num_classes": COUNT, "model.cond_dim": COUNT,
+    "model.rope_theta": "(1, inf)", "model.norm_eps": "(0, 1)",
+    **{f"vae.{k}": POSITIVE for k in ("in_channels", "base_dim", "z_dim", "num_res_blocks", "chunk_frames")},
+    "vae.norm_eps": "(0, 1)", "vae.l1_weight": COUNT, "vae.l2_weight": COUNT, "vae.kl_weight": COUNT,
+    "lora.rank": COUNT, "lora.alpha": COUNT, "lora.dropout": "[0, 1)",
+    "objective.logit_mean": "(-inf, inf)", "objective.logit_std": "(0, inf)", "objective.shift": "(0, inf)",
+    "objective.shift_base_tokens": COUNT, "objective.beta_start": "(0, 1)", "objective.beta_end": "(0, 1)",
+    "objective.num_train_timesteps": "[2, inf)", "objective.min_snr_gamma": COUNT, "objective.cond_dropout": FRACTION,
+    "optim.lr": "(0, inf)", "optim.warmup_steps": COUNT, "optim.min_lr_ratio": FRACTION, "optim.weight_decay": COUNT,
+    "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)", "optim.clip_norm": "(0, inf)",
+    "optim.ema_decay": FRACTION,
+    **{f"data.{k}": POSITIVE for k in ("frames", "height", "width", "channels", "batch_size", "max_segments",
+                                       "text_len", "pack_max_wait", "frame_stride", "probe_records")},
+    **{f"data.{k}": COUNT for k in ("seq_len", "area", "num_workers", "prefetch", "fps", "log_every")},
+    "data.image_fraction": FRACTION, "data.pack_buffer": "[1, inf)", "data.token_drop": "[0, 1)",
+    **{f"data.synthetic.{k}": POSITIVE for k in ("num_examples", "num_classes", "max_shapes")},
+    **{f"train.{k}": POSITIVE for k in ("steps", "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps",
+                                        "sample_count", "sample_steps", "eval_batches")},
+    **{f"train.{k}": COUNT for k in ("run_steps", "sample_every", "eval_every", "sample_guidance")},
+}
+
 
 def check(cfg: Config) -> None:
   """Checks of single fields and of fields that only make sense together, whatever the
@@ -26,15 +54,34 @@ def check(cfg: Config) -> None:
   if source not in DATA_SOURCES and not (source.startswith(TFDS_PREFIX) and len(source) > len(TFDS_PREFIX)):
     raise ConfigError(f"config key 'data.source' = {source!r}; expected one of {', '.join(DATA_SOURCES)}, "
                       f"{TFDS_PREFIX}<name>.")
-  sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.sequence, cfg.mesh.tensor]
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh sizes {sizes}: each must be >= 1, and at most one may be -1.")
+  check_ranges(cfg)
+  for group in (("data", "fsdp", "sequence", "tensor"), ("dcn_data", "dcn_fsdp")):
+    sizes = [getattr(cfg.mesh, k) for k in group]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+      raise ConfigError(f"mesh sizes {dict(zip(group, sizes))}: each must be >= 1, and at most one may be -1.")
   _check_shapes(cfg.data, cfg.model.patch)
-  if cfg.train.max_bad_steps < 1:
-    raise ConfigError(f"train.max_bad_steps={cfg.train.max_bad_steps} must be >= 1.")
-  if not 0.0 <= cfg.objective.cond_dropout <= 1.0:
-    raise ConfigError(f"objective.cond_dropout={cfg.objective.cond_dropout} must lie in [0, 1].")
+  if list(cfg.train.eval_times) and not all(0.0 <= t <= 1.0 for t in cfg.train.eval_times):
+    raise ConfigError(f"train.eval_times={list(cfg.train.eval_times)}: each must lie in [0, 1].")
+  if any(f < 1 for f in cfg.data.frame_counts):
+    raise ConfigError(f"data.frame_counts={list(cfg.data.frame_counts)}: each must be >= 1.")
   _check_lora(cfg)
+
+
+def in_range(value, interval: str) -> bool:
+  lo, hi = (float(v) for v in interval[1:-1].split(","))
+  above = value > lo if interval[0] == "(" else value >= lo
+  below = value < hi if interval[-1] == ")" else value <= hi
+  return above and below
+
+
+def check_ranges(cfg: Config) -> None:
+  """ConfigError naming the first numeric field outside its range (`RANGES`)."""
+  for key, interval in RANGES.items():
+    value = cfg
+    for part in key.split("."):
+      value = getattr(value, part)
+    if value is not None and not in_range(value, interval):
+      raise ConfigError(f"config key '{key}' = {value}: must lie in {interval}.")
 
 
 def _check_shapes(d: DataConfig, patch) -> None:
@@ -58,9 +105,6 @@ def _check_lora(cfg: Config) -> None:
   from src.lora import GROUPS, target_patterns
 
   lora = cfg.lora
-  if lora.rank < 0 or lora.alpha < 0 or not 0.0 <= lora.dropout < 1.0:
-    raise ConfigError(f"lora.rank={lora.rank} and lora.alpha={lora.alpha} must be >= 0, lora.dropout={lora.dropout} "
-                      "in [0, 1).")
   if lora.rank and not lora.targets:
     raise ConfigError(f"lora.rank={lora.rank} with no lora.targets: name some of {', '.join(GROUPS)} or give patterns.")
   try:

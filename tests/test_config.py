@@ -76,3 +76,51 @@ def test_cli_exits_nonzero_and_names_the_key(override, words):
 def test_round_trip_through_dict():
   cfg = C.load(None, ["model.patch=[1,2,2]", "mesh.rules={embed: null}"])
   assert C.from_dict(C.to_dict(cfg)) == cfg
+
+
+def test_every_numeric_field_has_a_range():
+  """A new numeric field cannot slip in unchecked: it needs an entry in RANGES."""
+  import dataclasses
+  import typing
+
+  from src.config_checks import RANGES
+
+  def numeric(node, prefix=""):
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+      default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+      if dataclasses.is_dataclass(default):
+        yield from numeric(type(default), f"{prefix}{f.name}.")
+      elif hints[f.name] in (int, float, typing.Optional[int], typing.Optional[float]):
+        yield prefix + f.name
+
+  mesh = {f"mesh.{k}" for k in ("data", "fsdp", "sequence", "tensor", "dcn_data", "dcn_fsdp", "num_processes",
+                                "process_id")}  # -1 means "the rest" / "detect": checked apart
+  assert set(numeric(C.Config)) - mesh == set(RANGES)
+  C.load(None)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.steps=-5", "train.steps"), ("data.batch_size=0", "data.batch_size"),
+    ("data.max_segments=0", "data.max_segments"), ("train.ckpt_every=0", "train.ckpt_every"),
+    ("train.log_every=0", "train.log_every"), ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("optim.clip_norm=0", "optim.clip_norm"), ("optim.clip_norm=-1", "optim.clip_norm"),
+    ("optim.ema_decay=2.0", "optim.ema_decay"), ("model.depth=0", "model.depth"), ("optim.eps=0", "optim.eps"),
+    ("mesh.dcn_fsdp=0", "mesh sizes"), ("train.eval_times=[0.5,1.5]", "train.eval_times"),
+])
+def test_a_bad_value_exits_2_naming_the_key(override, key, capsys):
+  from src.train import main
+
+  assert main(["--config", "configs/smoke.yaml", override]) == 2
+  err = capsys.readouterr().err
+  assert key in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_yaml_syntax_error_says_file_line_and_column(tmp_path, capsys):
+  from src.train import main
+
+  f = tmp_path / "bad.yaml"
+  f.write_text("train:\n  steps: 7\n  log_every: [1, 2\nmodel:\n  variant: tiny\n")
+  assert main(["--config", str(f)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and f"{f}:" in err and "YAML syntax error" in err, err
