@@ -15,11 +15,13 @@ TensorBoard event files, `google-cloud-storage`: the `gcs` extra installs both.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 
 from etils import epath
 
+log = logging.getLogger(__name__)
 REMOTE_FLUSH_S = 60.0  # a remote metrics object is rewritten at most this often
 REMOTE_PART_BYTES = 1 << 20  # ... and sealed at this size (~5k records of a dozen metrics)
 
@@ -44,12 +46,29 @@ class JsonLines:
     self.lines: list[str] = []
     self.size = 0  # bytes in self.lines
     self.last_flush = -math.inf  # the first record flushes at once, whatever the clock's origin (boot)
+    self._drop_after(first_step)
     if self.remote:
       self.path = self._part(first_step)
       self.file = None
     else:
       self.path = directory / f"{name}.jsonl"
       self.file = open(self.path, "a")
+
+  def _drop_after(self, step: int) -> None:
+    """A resume at `step` re-runs what came after it: records past it (written after the
+    last checkpoint, before a crash) are removed, so every step appears once. A torn
+    last line (a crash mid-write) goes too."""
+    files = [self.directory / f"{self.name}.jsonl"] + sorted(self.directory.glob(f"{self.name}-*.jsonl"))
+    for f in (f for f in files if f.exists()):
+      lines = f.read_text().splitlines(keepends=True)
+      kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+      if len(kept) == len(lines):
+        continue
+      log.warning("%s: dropping %d record(s) past step %d (the run resumes there)", f, len(lines) - len(kept), step)
+      if kept or not self.remote:
+        f.write_text("".join(kept))
+      else:
+        f.unlink()
 
   def _part(self, step: int) -> epath.Path:
     return self.directory / f"{self.name}-{step:09d}.jsonl"
@@ -78,6 +97,14 @@ class JsonLines:
       self.file.close()
     else:
       self.flush()
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a JSON-lines record, or None for a torn or foreign line."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def copy_tree(src: str, dst: epath.Path) -> None:

@@ -24,6 +24,7 @@ from src.checkpoint import Checkpointer
 from src.config import Config
 from src.lora import check_fingerprint
 from src.state import abstract_state, compile_step, fingerprint_of, init_state
+from src.workdir import WorkdirLock, check_resume, check_writable
 
 log = logging.getLogger("src.train")
 
@@ -32,14 +33,26 @@ def train(cfg: Config) -> dict:
   """Train to `cfg.train.steps`, resuming from the newest checkpoint. Returns the last logged metrics."""
   task = tasks.make_task(cfg)
   mesh_lib.initialize_distributed(cfg.mesh)
-  workdir = open_workdir(cfg)
+  workdir = storage.run_path(cfg.workdir)  # local, or gs://... (etils.epath)
+  check_writable(workdir)
+  with WorkdirLock(workdir, primary=jax.process_index() == 0):
+    ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
+    try:
+      open_workdir(cfg, workdir, ckpt)
+      return run(cfg, task, workdir, ckpt)
+    finally:
+      ckpt.close()
+
+
+def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
+  """The loop of `train`, in a checked and locked run directory."""
   mesh, rules = mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules(cfg.mesh.rules)
   check_batch_split(cfg.data.batch_size, mesh, rules)
   optimizer, schedule = optim.make_optimizer(cfg.optim, cfg.train.steps)
   data = task.batches("train", jax.process_index(), jax.process_count())
   frozen = task.load_frozen(mesh, rules)
-  ckpt = Checkpointer(workdir, cfg.train.keep_checkpoints, cfg.train.async_checkpoint)
   graphdef, state = restore_or_init(task, mesh, rules, optimizer, ckpt, data, frozen)
+  check_writable(workdir, sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count())
   step_fn = timed_compile(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   start, t = int(state.step), cfg.train
   writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start), hooks.StepMeter()
@@ -67,18 +80,19 @@ def train(cfg: Config) -> dict:
     saver.interrupted(state)
     raise
   finally:
-    ckpt.close()
     writer.close()
   return last
 
 
-def open_workdir(cfg: Config):
-  """The run directory, created; process 0 writes the resolved config into it."""
-  workdir = storage.run_path(cfg.workdir)  # local, or gs://... (etils.epath)
-  workdir.mkdir(parents=True, exist_ok=True)
+def open_workdir(cfg: Config, workdir, ckpt: Checkpointer) -> None:
+  """A resume must continue the same run (`workdir.check_resume` against the newest
+  checkpoint's config); then process 0 writes the resolved config. A rejected config
+  never overwrites the saved one."""
+  step = ckpt.latest_step()
+  if step is not None:
+    check_resume(config_lib.to_dict(cfg), ckpt.restore_config(step), f"{workdir} (step {step})")
   if jax.process_index() == 0:
     (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg))
-  return workdir
 
 
 def check_batch_split(batch_size: int, mesh, rules) -> None:
