@@ -1,11 +1,21 @@
 """Checkpoints: one Orbax CheckpointManager for everything an exact resume needs.
 
-Each step directory under `{workdir}/checkpoints/` holds three items:
+Each step directory under `{workdir}/checkpoints/` holds four items:
 - `state`: step, parameters, optimizer state, EMA, RNG key, bad-step count (arrays; every
   host writes its own shards);
 - `data`: the grain iterator position, one file per process;
-- `config`: the resolved config, so a run directory says how it was made.
+- `config`: the resolved config, so a run directory says how it was made;
+- `integrity`: a checksum of every array of the state (`checksums`).
 Saves are asynchronous and the manager keeps the newest N.
+
+Restores are checked: a checkpoint that fails to load (a missing or truncated file, bad
+metadata, a bad iterator state) or whose arrays do not match their checksums is
+reported with its step and reason, moved aside to `checkpoints.corrupt/`, and the next
+older one is tried. Orbax keeps no checksum of array data (tensorstore's chunk formats
+carry none), so a flipped bit would load silently: the checksum is ours, the sum of
+every array's bits as uint32 words, mod 2^32. Integer addition is exact and
+order-free, so it is the same on any mesh, costs one reduction per array per save, and
+changes with any single flipped bit.
 """
 
 from __future__ import annotations
@@ -15,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from src import storage
@@ -27,18 +40,37 @@ class CheckpointNotFoundError(FileNotFoundError):
   pass
 
 
+def _words(x: jax.Array) -> jax.Array:
+  """An array's bits as uint32 words (narrower types widened first, wider ones split)."""
+  if x.dtype.itemsize == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if x.dtype.itemsize < 4:
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, jnp.uint32)  # [..., itemsize // 4]
+
+
+@jax.jit
+def checksums(tree) -> jax.Array:
+  """[n] uint32: per array of `tree`, the sum of its bits as uint32 words, mod 2^32."""
+  leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree)]  # the state's keys are raw uint32 (PRNGKey)
+  return jnp.stack([jnp.sum(_words(x), dtype=jnp.uint32) for x in leaves])
+
+
 class Checkpointer:
   def __init__(self, workdir: str | Path, keep: int = 3, async_save: bool = True):
     self.directory = storage.run_path(workdir) / "checkpoints"  # local or gs://
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data", "config", "integrity"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter: grain.DatasetIterator | None, config: dict, force=False) -> bool:
-    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config))
+    sums = [int(v) for v in np.asarray(jax.device_get(checksums(state)))]
+    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config),
+                integrity=ocp.args.JsonSave({"state_checksums": sums}))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
     saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -47,35 +79,88 @@ class Checkpointer:
     return saved
 
   def restore(self, like_state: Any, data_iter: grain.DatasetIterator | None = None, step: int | None = None):
-    """Restore into the shapes/shardings of `like_state`; the data iterator in place."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
+    """Restore into the shapes/shardings of `like_state`, the data iterator in place: the
+    newest checkpoint that loads whole and matches its checksums (or `step`)."""
+    return self._first_good(lambda s: self._restore(s, like_state, data_iter), step)
+
+  def _restore(self, step: int, like_state: Any, data_iter):
     args = dict(state=ocp.args.StandardRestore(with_shardings(like_state)))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    restored = self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
+    self._verify(step, restored)
     log.info("checkpoint: restored step %d from %s", step, self.directory)
-    return restored["state"]
+    return restored
+
+  def _verify(self, step: int, state: Any) -> None:
+    """ValueError when the restored arrays differ from the checksums saved with them."""
+    if not (self.directory / str(step) / "integrity").exists():
+      log.warning("checkpoint step %d has no checksums (written by an older version): not verified", step)
+      return
+    saved = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))["integrity"]
+    now = [int(v) for v in np.asarray(jax.device_get(checksums(state)))]
+    bad = [i for i, (a, b) in enumerate(zip(saved["state_checksums"], now)) if a != b]
+    if bad or len(now) != len(saved["state_checksums"]):
+      paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+      raise ValueError(f"array data differ from their checksums (flipped bits?): {', '.join(paths[i] for i in bad[:5])}")
+
+  def _first_good(self, restore, step: int | None = None):
+    """`restore(step)` of `step`, else of the newest checkpoint that restores, newest
+    first; each one that fails is reported and moved aside."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
+    for s in steps:
+      try:
+        return restore(s)
+      except Exception as e:  # noqa: BLE001 - any failure to load means this checkpoint is unusable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        log.warning("checkpoint step %d in %s cannot be used (%s: %s); trying the previous one", s, self.directory,
+                    type(e).__name__, reason)
+        if step is None:
+          self._move_aside(s)
+    raise CheckpointNotFoundError(f"no usable checkpoint under {self.directory} (tried steps {steps})")
+
+  def _move_aside(self, step: int) -> None:
+    """A corrupt step leaves `checkpoints/` (so it is neither resumed nor overwritten by
+    the next save of that step) for `checkpoints.corrupt/`, kept for inspection."""
+    if jax.process_index() == 0:
+      aside = self.directory.parent / "checkpoints.corrupt"
+      aside.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(aside / f"{step}")
+    self.manager.reload()
 
   def restore_part(self, name: str, like: Any, step: int | None = None):
     """One field of the saved state (e.g. `ema`) into the shapes/shardings of `like`
-    (arrays or ShapeDtypeStructs); nothing else of the state is read or allocated."""
-    step = self.latest_step() if step is None else step
-    if step is None:
+    (arrays or ShapeDtypeStructs); nothing else of the state is read or allocated.
+    The newest checkpoint that has it readable (or `step`)."""
+    def restore(s):
+      target = {name: with_shardings(like)}
+      args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True)
+      restored = self.manager.restore(s, args=ocp.args.Composite(state=args))
+      log.info("checkpoint: restored %s of step %d from %s", name, s, self.directory)
+      return restored["state"][name]
+
+    return self.first_readable(restore, step)
+
+  def first_readable(self, restore, step: int | None):
+    """As `_first_good`, for readers (sampling, export): nothing is moved aside."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
       raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
-    target = {name: with_shardings(like)}
-    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                  partial_restore=True)
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
-    log.info("checkpoint: restored %s of step %d from %s", name, step, self.directory)
-    return restored["state"][name]
+    for s in steps:
+      try:
+        return restore(s)
+      except Exception as e:  # noqa: BLE001
+        log.warning("checkpoint step %d in %s cannot be read (%s); trying the previous one", s, self.directory,
+                    (str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+    raise CheckpointNotFoundError(f"no readable checkpoint under {self.directory} (tried steps {steps})")
 
   def restore_config(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointNotFoundError(f"no checkpoint under {self.directory}")
-    return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    """The saved config of `step`, else of the newest checkpoint whose config reads."""
+    return self.first_readable(
+        lambda s: self.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step)
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -38,17 +38,20 @@ def load_task_run(workdir: str | Path, use_ema: bool = True) -> tuple[Config, Ta
   if not (storage.run_path(workdir) / "checkpoints").is_dir():
     raise CheckpointNotFoundError(f"{workdir} is not a run directory: it has no checkpoints/ (train first)")
   ckpt = Checkpointer(workdir)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise CheckpointNotFoundError(
-          f"no checkpoint in {storage.run_path(workdir) / 'checkpoints'}: train first (python -m src.train ...), "
-          "or point --workdir at a run directory")
+
+  def read(step: int):
     cfg = config_lib.from_dict(ckpt.restore_config(step), f"config of {workdir} step {step}")
     cfg.mesh = config_lib.MeshConfig()  # sample on whatever devices this host has
     task = make_task(cfg)
     graphdef, like = abstract_model(task, mesh_lib.make_mesh(cfg.mesh), mesh_lib.make_rules())
-    params = ckpt.restore_part("ema" if use_ema else "params", like, step=step)
+    return step, cfg, task, graphdef, ckpt.restore_part("ema" if use_ema else "params", like, step=step)
+
+  try:
+    if ckpt.latest_step() is None:
+      raise CheckpointNotFoundError(
+          f"no checkpoint in {storage.run_path(workdir) / 'checkpoints'}: train first (python -m src.train ...), "
+          "or point --workdir at a run directory")
+    step, cfg, task, graphdef, params = ckpt.first_readable(read, None)  # the newest that reads whole
   finally:
     ckpt.close()
   log.info("loaded step %d of %s (%s weights)", step, workdir, "EMA" if use_ema else "raw")

@@ -90,7 +90,7 @@ def open_workdir(cfg: Config, workdir, ckpt: Checkpointer) -> None:
   never overwrites the saved one."""
   step = ckpt.latest_step()
   if step is not None:
-    check_resume(config_lib.to_dict(cfg), ckpt.restore_config(step), f"{workdir} (step {step})")
+    check_resume(config_lib.to_dict(cfg), ckpt.restore_config(), f"{workdir} (step {step})")
   if jax.process_index() == 0:
     (workdir / "config.yaml").write_text(config_lib.to_yaml(cfg))
 

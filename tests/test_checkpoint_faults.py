@@ -1,0 +1,95 @@
+"""Corrupt checkpoints: the newest one that fails to load, or whose arrays do not match
+their checksums, is reported, moved aside, and the previous one resumes the run."""
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from src import mesh as M
+from src.checkpoint import checksums
+from src.config import MeshConfig
+from src.train import main
+
+TINY = ["model.variant=tiny", "data.frames=2", "data.height=8", "data.width=8", "data.batch_size=8",
+        "train.tensorboard=false", "train.log_every=2", "train.ckpt_every=2", "train.keep_checkpoints=3",
+        "optim.warmup_steps=1", "train.async_checkpoint=false"]
+
+
+def test_checksums_see_one_flipped_bit_and_ignore_the_mesh():
+  x = np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32)
+  tree = {"w": jnp.asarray(x), "step": jnp.int32(5), "h": jnp.asarray(x, jnp.bfloat16)}
+  flipped = x.copy()
+  flipped.view(np.uint32)[3, 7] ^= 1  # the lowest mantissa bit of one value
+  assert not np.array_equal(np.asarray(checksums(tree)), np.asarray(checksums({**tree, "w": jnp.asarray(flipped)})))
+  mesh = M.make_mesh(MeshConfig(fsdp=8))
+  sharded = jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.P()))
+  sharded["w"] = jax.device_put(tree["w"], jax.sharding.NamedSharding(mesh, jax.P("fsdp")))
+  np.testing.assert_array_equal(np.asarray(checksums(tree)), np.asarray(checksums(sharded)))
+
+
+def _largest_file(directory: Path) -> Path:
+  return max((f for f in directory.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+def _truncate(step_dir: Path):
+  f = _largest_file(step_dir / "state")
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _flip(step_dir: Path):
+  f = _largest_file(step_dir / "state")
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "truncated array file": _truncate,
+    "metadata deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "iterator state garbled": lambda d: next((d / "data").glob("*.json")).write_text("{not json"),
+    "state deleted": lambda d: shutil.rmtree(d / "state"),
+    "a flipped bit": _flip,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("trained")
+  assert main(TINY + [f"workdir={workdir}", "train.steps=6"]) == 0
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path, name, capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  CORRUPTIONS[name](workdir / "checkpoints" / "6")
+  capsys.readouterr()
+  assert main(TINY + [f"workdir={workdir}", "train.steps=8"]) == 0
+  err = capsys.readouterr().err
+  assert "checkpoint step 6" in err and "cannot be used" in err, err
+  assert (workdir / "checkpoints.corrupt" / "6").is_dir()
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 8 and 6 in steps  # re-run from step 4: 6 and 8 are new
+  logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert logged == sorted(set(logged))  # no step twice
+
+
+@pytest.mark.slow
+def test_sampling_reads_the_newest_readable_checkpoint(trained, tmp_path, caplog):
+  from src.runs import load_run
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6" / "state")
+  caplog.set_level("WARNING")
+  _, _, params = load_run(workdir)
+  assert "checkpoint step 6" in caplog.text and "cannot be read" in caplog.text
+  assert jax.tree.leaves(params)
+  assert (workdir / "checkpoints" / "6").is_dir()  # a reader moves nothing
