@@ -412,3 +412,28 @@ def test_clip_batches_fail_at_start_up_when_nothing_is_usable(tmp_path):
   fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[])
   with pytest.raises(ValueError, match=r"none of the first 8 records is usable"):
     make_clip_iterator(_cfg(tmp_path / "out", **fixed), cond_dim=0, seed=0, spatial_multiple=2)
+
+
+def test_bad_captions_rows_are_named_and_skipped_or_strict(tmp_path, caplog):
+  path = tmp_path / "c.csv"
+  path.write_text('file,caption,label\nx.png,fine,1\ny.png,"bad label",two\nz.png,also fine,\n')
+  caplog.set_level("WARNING")
+  skipped = []
+  rows = build_lib.read_captions(path, skipped=skipped)
+  assert set(rows) == {"x.png", "z.png"} and len(skipped) == 1
+  assert f"{path}:3: bad captions row" in caplog.text
+  with pytest.raises(ValueError, match=f"{path}:3: bad captions row"):
+    build_lib.read_captions(path, strict=True)
+  # An unterminated quote would swallow the rows after it: an error naming where it began.
+  path.write_text('file,caption\na.png,"never closed\nb.png,fine\nc.png,fine\n')
+  with pytest.raises(ValueError, match=f"{path}:2: .*unterminated quote"):
+    build_lib.read_captions(path)
+  jsonl = tmp_path / "c.jsonl"
+  jsonl.write_text('{"file": "a.png", "caption": "ok"}\n{"file": "b.png", "caption": \n')
+  assert set(build_lib.read_captions(jsonl)) == {"a.png"} and f"{jsonl}:2" in caplog.text
+  src = tmp_path / "src"
+  src.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "x.png")
+  path.write_text('file,caption,label\nx.png,fine,one\n')
+  assert build_lib.main(["--src", str(src), "--captions", str(path), "--out", str(tmp_path / "o"), "--strict"]) == 1
+  assert not (tmp_path / "o").exists()

@@ -34,22 +34,55 @@ MEDIA_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".png", ".jpg
 NO_LABEL = -1
 
 
-def read_captions(path: Path) -> dict[str, dict]:
-  """file -> {'caption': str, 'label': int} from a CSV (with header) or JSONL file."""
+def _rows(path: Path):
+  """(line, row dict) of a CSV (with header, the csv module's default dialect and strict
+  quoting) or JSONL captions file. An unterminated quote is an error naming the line
+  where the quoted field began (it would otherwise swallow the rows after it)."""
+  if path.suffix.lower() in (".jsonl", ".json"):
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+      if line.strip():
+        try:
+          yield i, json.loads(line)
+        except ValueError as e:
+          yield i, ValueError(f"not JSON ({e})")
+    return
+  with path.open(newline="") as f:
+    reader = csv.DictReader(f, strict=True)
+    start = 2  # the first row after the header
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:
+        raise ValueError(f"{path}:{start}: {e} (an unterminated quote?)") from None
+      yield start, row
+      start = reader.line_num + 1
+
+
+def read_captions(path: Path, strict: bool = False, skipped: list | None = None) -> dict[str, dict]:
+  """file -> {'caption': str, 'label': int} from a CSV (with header) or JSONL file. A bad
+  row (no file, a label that is not an integer, bad JSON) is skipped with a warning
+  naming file and line (and appended to `skipped`), or is an error when `strict`."""
   if not path.is_file():
     raise FileNotFoundError(f"captions file not found: {path}")
-  if path.suffix.lower() in (".jsonl", ".json"):
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  else:
-    with path.open(newline="") as f:
-      rows = list(csv.DictReader(f))
-  if rows and "file" not in rows[0]:
-    raise ValueError(f"{path}: every row needs a 'file' field (and 'caption', optional 'label')")
   out = {}
-  for row in rows:
-    label = row.get("label")
-    out[str(row["file"])] = {"caption": str(row.get("caption") or ""),
-                             "label": NO_LABEL if label in (None, "") else int(label)}
+  for line, row in _rows(path):
+    try:
+      if isinstance(row, Exception):
+        raise row
+      if not row.get("file"):
+        raise ValueError("no 'file' field (the header must name file, caption[, label])")
+      label = row.get("label")
+      out[str(row["file"])] = {"caption": str(row.get("caption") or ""),
+                               "label": NO_LABEL if label in (None, "") else int(label)}
+    except (ValueError, TypeError, AttributeError) as e:
+      message = f"{path}:{line}: bad captions row ({e})"
+      if strict:
+        raise ValueError(message + "; fix it, or build without --strict to skip such rows") from None
+      log.warning("%s: skipped", message)
+      if skipped is not None:
+        skipped.append(message)
   return out
 
 
@@ -81,8 +114,9 @@ class FolderVideos(tfds.core.GeneratorBasedBuilder):
   # `importlib_resources`, which its pinned etils does not install.
   code_path = None
 
-  def __init__(self, *, src: str | None = None, captions: str | None = None, val_count: int = 0, **kwargs):
-    self._src, self._captions, self._val_count = src, captions, val_count
+  def __init__(self, *, src: str | None = None, captions: str | None = None, val_count: int = 0,
+               strict: bool = False, **kwargs):
+    self._src, self._captions, self._val_count, self._strict = src, captions, val_count, strict
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -101,7 +135,10 @@ class FolderVideos(tfds.core.GeneratorBasedBuilder):
     if self._src is None:
       raise ValueError("FolderVideos needs src= and captions= to build")
     src = Path(self._src)
-    entries = list_entries(src, read_captions(Path(self._captions)))
+    skipped = []
+    entries = list_entries(src, read_captions(Path(self._captions), self._strict, skipped))
+    if skipped:
+      log.warning("%d bad captions row(s) skipped (--strict makes them an error)", len(skipped))
     if not entries:
       raise ValueError(f"no media files ({', '.join(MEDIA_SUFFIXES)}) in {src}")
     held = set(sorted((name for name, _ in entries), key=_held_out)[:self._val_count])
@@ -116,13 +153,18 @@ class FolderVideos(tfds.core.GeneratorBasedBuilder):
                    "filename": name}
 
 
-def build(src: str, captions: str, out: str, val_count: int = 0, overwrite: bool = False) -> Path:
-  """Build (or reuse) the dataset under `out`; returns its directory."""
+def build(src: str, captions: str, out: str, val_count: int = 0, overwrite: bool = False,
+          strict: bool = False) -> Path:
+  """Build (or reuse) the dataset under `out`; returns its directory. `strict`: a bad
+  captions row fails the build instead of being skipped."""
   if not Path(src).is_dir():  # before tfds creates anything under `out`
     raise FileNotFoundError(f"video folder not found: {src}")
   if not Path(captions).is_file():
     raise FileNotFoundError(f"captions file not found: {captions}")
-  builder = FolderVideos(src=src, captions=captions, val_count=val_count, data_dir=out, file_format="array_record")
+  if strict:  # fail before tfds creates anything
+    read_captions(Path(captions), strict=True)
+  builder = FolderVideos(src=src, captions=captions, val_count=val_count, strict=strict, data_dir=out,
+                         file_format="array_record")
   mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
   if overwrite:
     mode = tfds.download.GenerateMode.FORCE_REDOWNLOAD
@@ -145,6 +187,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--out", required=True, help="tfds data_dir to write; use it as data.data_dir")
   parser.add_argument("--val_count", type=int, default=0, help="files held out as the 'validation' split")
   parser.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset exists")
+  parser.add_argument("--strict", action="store_true", help="a bad captions row fails the build (default: skipped)")
   return parser.parse_args(argv)
 
 
@@ -152,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    build(args.src, args.captions, args.out, args.val_count, args.overwrite)
+    build(args.src, args.captions, args.out, args.val_count, args.overwrite, args.strict)
   except (FileNotFoundError, ValueError) as e:
     log.error("%s", e)
     return 1
