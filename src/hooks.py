@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from src import media, storage
@@ -137,13 +138,22 @@ class Saver:
     self.preempt = Preemption()
 
   def __call__(self, done: int, state) -> bool:
-    """After step `done`: save if due; True when the loop must stop."""
+    """After step `done`: save if due; True when the loop must stop. On several
+    processes a SIGTERM stops them all at the same step: every process reports whether
+    it was signalled (one tiny all-gather per step) and all stop if any was, so they
+    save once, together (a host signalled alone would otherwise wait forever in the
+    checkpoint's barrier while the others run the next step)."""
     out_of_slice = bool(self.cfg.run_steps) and done - self.start >= self.cfg.run_steps
-    stop = self.preempt.requested or out_of_slice
+    requested = self.preempt.requested
+    if jax.process_count() > 1:
+      requested = bool(np.asarray(multihost_utils.process_allgather(np.int32(requested))).any())
+      if requested and not self.preempt.requested:
+        log.warning("another process was signalled (SIGTERM): saving a checkpoint at step %d", done)
+    stop = requested or out_of_slice
     if due(done, self.cfg.ckpt_every, self.cfg.steps) or stop:
       self.ckpt.save(done, state, self.data, self.config, force=True)
     if stop:
-      log.warning("stopping after step %d (%s)", done, "SIGTERM" if self.preempt.requested else "train.run_steps")
+      log.warning("stopping after step %d (%s)", done, "SIGTERM" if requested else "train.run_steps")
     return stop
 
   def interrupted(self, state) -> None:
