@@ -2,9 +2,10 @@
 
 Compiles the exact train step of a config for a TPU topology from a CPU host, with
 libtpu's compile-only devices (`jax.experimental.topologies.get_topology_desc`), and
-prints one JSON line: per-chip memory, FLOPs per step, the collectives in the
-optimised HLO, the attention kernel and how many Mosaic (Pallas) kernels the step
-holds, and whether the step fits in the chip's HBM. Nothing is allocated:
+prints one JSON line: per-chip memory (device and host), FLOPs per step, XLA's own cost
+analysis (and with --step-time its estimate of the step's time, every layer counted), the
+collectives in the optimised HLO, the attention kernel and how many Mosaic (Pallas) kernels
+the step holds, and whether the step fits in the chip's HBM. Nothing is allocated:
 the model, optimizer state and batch exist only as shapes and shardings. This is
 MaxText's `train_compile.py` idea: find out on a laptop whether a run fits a pod.
 
@@ -39,6 +40,7 @@ from src import optim
 from src.config import Config
 from src.flops import umt5_flops
 from src.models.attention import compiling_for, resolve_impl
+from src.models.dit import dimensions
 from src.state import abstract_state, jit_step
 from src.models.umt5 import UMT5Config
 from src.tasks import make_task
@@ -47,6 +49,8 @@ from src.text_encoder import abstract_umt5, read_umt5_config
 GIB = 2**30
 # HBM per chip, by generation (Cloud TPU system architecture pages).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+# Peak dense bf16 matmul throughput per chip, TFLOP/s (Cloud TPU system architecture pages).
+PEAK_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
 # v4 and v5p names count TensorCores (two per chip, one megacore device); v5e and
 # v6e names count chips.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
@@ -133,6 +137,9 @@ def count_mosaic_kernels(hlo_text: str) -> int:
 
 
 def memory_report(compiled, hbm_bytes: int) -> dict:
+  """Per chip, from `compiled.memory_analysis()`. `total` adds the parts, which can exceed what the
+  TPU compiler's buffer assignment packs (docs/pod.md); `host_*` are what a remat policy offloads
+  to host memory (pinned_host), outside the HBM total."""
   m = compiled.memory_analysis()
   # Donated state: outputs alias arguments, so they are counted once.
   total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
@@ -141,7 +148,18 @@ def memory_report(compiled, hbm_bytes: int) -> dict:
   return dict(arguments_gib=gib(m.argument_size_in_bytes), outputs_gib=gib(m.output_size_in_bytes),
               aliased_gib=gib(m.alias_size_in_bytes), temp_gib=gib(m.temp_size_in_bytes),
               code_gib=gib(m.generated_code_size_in_bytes), total_gib=gib(total),
-              hbm_gib=gib(hbm_bytes), fits=total <= hbm_bytes)
+              host_argument_gib=gib(m.host_argument_size_in_bytes),
+              host_temp_gib=gib(m.host_temp_size_in_bytes), hbm_gib=gib(hbm_bytes), fits=total <= hbm_bytes)
+
+
+def xla_cost(compiled) -> dict:
+  """XLA's cost analysis of the compiled program on one chip, as compiled: `optimal_seconds` is the
+  TPU cost model's time of the step (each op at its compute or memory-bandwidth bound); a loop body
+  (a scanned layer) is counted once, and Mosaic kernels (splash attention) get no FLOPs or time."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  keys = ("optimal_seconds", "flops", "bytes accessed", "transcendentals")
+  return {k.replace(" ", "_"): float(cost[k]) for k in keys if k in cost}
 
 
 def flops(cost) -> float:
@@ -178,8 +196,31 @@ def step_flops(task, rules, compiled, chips: int) -> float:
   return flops(lower_step(make_task(unrolled), cpu, rules)[0].cost_analysis())
 
 
-def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
-  """Lower and compile the train step for the topology; the report as a dict."""
+def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_chip: float) -> dict:
+  """XLA's time of a step on one chip with every layer counted, plus what it cannot cost. A scanned
+  model's body is costed once, so the step is also compiled unrolled with 2 and 3 layers (or all of
+  them, if no more) for the same chips and XLA's `optimal_seconds` extrapolated linearly to the
+  depth (a 1-layer program can be compiled differently: measured). What XLA leaves out, the Mosaic
+  kernels (splash) and the bodies after the first of loops it builds itself (collective matmuls),
+  is added as its FLOPs (`flops_per_chip`, the twin's count, minus XLA's) at the chip's bf16 peak:
+  a lower bound, as XLA's own figure is."""
+  cost = [xla_cost(compiled)]
+  if task.scans_layers:
+    cfg, depth = task.cfg, dimensions(task.cfg.model)[0]
+    unrolled = lambda d: make_task(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=d,
+                                                                                      scan_layers=False)))
+    cost = [xla_cost(lower_step(unrolled(d), mesh, rules)[0].compile()) for d in ((2, 3) if depth > 3 else (depth,))]
+    if len(cost) == 2:
+      cost = [{k: v + (depth - 2) * (cost[1][k] - v) for k, v in cost[0].items()}]
+  kernel_flops = max(flops_per_chip - cost[0]["flops"], 0.0)
+  kernels = kernel_flops / (PEAK_TFLOPS[topo.generation] * 1e12)
+  return dict(xla=cost[0]["optimal_seconds"], kernels_at_peak=kernels, total=cost[0]["optimal_seconds"] + kernels,
+              xla_flops_per_chip=cost[0]["flops"], kernel_flops_per_chip=kernel_flops)
+
+
+def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time: bool = False) -> dict:
+  """Lower and compile the train step for the topology; the report as a dict. `step_time`: also
+  XLA's estimate of the step's time with every layer counted (two more, small, compiles)."""
   devices = topology_devices(topo, slices)
   attention = resolve_impl(cfg.model.attention, "tpu")  # what lower_step's kernels are traced as
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -188,17 +229,23 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1) -> dict:
   batch = task.batch_shapes()
   lowered, state = lower_step(task, mesh, rules)
   report = dict(topology=f"{topo.generation}-{topo.chips * CORES_PER_CHIP[topo.generation]}", grid=topo.name,
-                slices=slices, chips=len(devices), mesh=dict(mesh.shape), attention=attention,
+                slices=slices, chips=len(devices), mesh=dict(mesh.shape), attention=attention, remat=cfg.model.remat,
                 params=sum(x.size for x in jax.tree.leaves(state.params)), batch=cfg.data.batch_size,
-                batch_shapes=batch_shapes(batch))
+                batch_shapes=batch_shapes(batch), params_replicated_over=mesh_lib.replicated_axes(mesh, state.params))
+  if "sequence" in report["params_replicated_over"]:
+    logging.warning("every parameter is replicated over the %d sequence devices; to shard them over it too, set "
+                    "'mesh.rules={embed: [fsdp, sequence]}'", mesh.shape["sequence"])
   compiled, report = compile_or_report(lowered, report, topo)
   if compiled is None:
     return report
   total = step_flops(task, rules, compiled, len(devices))
   hlo = compiled.as_text()
-  return dict(report, **memory_report(compiled, HBM_GIB[topo.generation] * GIB), flops_per_step=total,
-              flops_per_chip=total / len(devices), collectives=count_collectives(hlo),
-              mosaic_kernels=count_mosaic_kernels(hlo))
+  report = dict(report, **memory_report(compiled, HBM_GIB[topo.generation] * GIB), flops_per_step=total,
+                flops_per_chip=total / len(devices), xla_cost=xla_cost(compiled), collectives=count_collectives(hlo),
+                mosaic_kernels=count_mosaic_kernels(hlo))
+  if step_time:
+    report["step_seconds"] = step_seconds(task, mesh, rules, compiled, topo, total / len(devices))
+  return report
 
 
 def compile_or_report(lowered, report: dict, topo: Topology):
@@ -250,11 +297,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--config", help="YAML preset (only the keys that differ from the defaults)")
   parser.add_argument("--topology", required=True, help="v4-8, v5e-16, v5p-256, v6e-64, ... or v5p:4x4x8")
   parser.add_argument("--slices", type=int, default=1, help="number of slices (multislice over DCN)")
+  parser.add_argument("--step-time", action="store_true",
+                      help="also estimate the step's time from XLA's cost model with every layer counted (compiles "
+                      "the step with 2 and 3 layers unrolled too)")
   parser.add_argument("--text-encoder", action="store_true",
                       help="compile the frozen umT5 encoding data.batch_size captions of data.text_len tokens "
                       "(text.checkpoint's sizes, or umT5-XXL's) instead of the train step")
   parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
-  return parser.parse_args(argv)
+  return parser.parse_intermixed_args(argv)  # flags may follow the overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     topo = parse_topology(args.topology)
     if args.slices < 1:
       raise AotError(f"--slices={args.slices}: must be >= 1")
-    compile_fn = compile_text_encoder if args.text_encoder else compile_for_topology
-    report = compile_fn(cfg, topo, args.slices)
+    if args.text_encoder:
+      report = compile_text_encoder(cfg, topo, args.slices)
+    else:
+      report = compile_for_topology(cfg, topo, args.slices, step_time=args.step_time)
   except (config_lib.ConfigError, AotError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -277,9 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     raise
   print(json.dumps(report))
   if not report["fits"]:
-    where = f"{report['hbm_gib']:g} GiB of HBM per chip on {report['topology']}"
-    why = f"needs {report['total_gib']} GiB per chip" if "total_gib" in report else f"the TPU compiler: {report['error']}"
-    print(f"error: the {report.get('program', 'train step')} does not fit in {where}: {why}", file=sys.stderr)
+    what = f"the {report.get('program', 'train step')} does not fit"
+    if "total_gib" in report:
+      why = f"in {report['hbm_gib']:g} GiB of HBM per chip on {report['topology']}: needs {report['total_gib']} GiB"
+    else:  # the compiler's message names the memory: HBM, or e.g. a kernel's scalar memory (smem)
+      why = f"on {report['topology']}: the TPU compiler ran out of memory: {report['error']}"
+    print(f"error: {what} {why}", file=sys.stderr)
     return 1
   return 0
 

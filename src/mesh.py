@@ -38,7 +38,10 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "act_attn_heads": ("tensor", "sequence"),
     "act_mlp": "tensor",
     "act_height": None,  # VAE activations' rows; map to "sequence" to shard large frames
-    # parameters
+    # parameters. Every parameter has an `embed` axis (or is tiny), so this rule decides whose
+    # devices split the model: FSDP. With mesh.sequence > 1 they are otherwise copied on every
+    # sequence device; 'mesh.rules={embed: [fsdp, sequence]}' splits them over both (one long
+    # clip over a slice, as MaxDiffusion's Wan 2.1 recipe does).
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
@@ -92,6 +95,17 @@ def logical_to_spec(names: Sequence[str | None], rules=None) -> P:
     used.update(axes)
     spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*spec)
+
+
+def replicated_axes(mesh: jax.sharding.Mesh, tree) -> list[str]:
+  """Mesh axes of more than one device that no array of `tree` (shapes or arrays carrying
+  shardings) is split over: each device along them holds a full copy, e.g. the parameters on
+  `sequence` under the default rules."""
+  used = set()
+  for x in jax.tree.leaves(tree):
+    for entry in x.sharding.spec:
+      used.update((entry,) if isinstance(entry, str) else (entry or ()))
+  return [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used]
 
 
 def current_rules():

@@ -164,3 +164,109 @@ def test_compiles_the_umt5_text_encoder(tiny_umt5):
   assert r["params"] == 56 * 32 + umt5.num_layers * (4 * 32 * 32 + 3 * 32 * 48 + 32 * 4 + 2 * 32) + 32
   assert r["flops_per_step"] == umt5_flops(umt5, 8, 64) > 0
   assert r["collectives"]["all-gather"] > 0  # fsdp-sharded weights are gathered for the matmuls
+
+
+# --- Remat policies with host offload, sharding over `sequence`, XLA's cost analysis -----------
+
+OFFLOAD_CHOICES = ["offload_dots_no_batch", "offload_inputs", "attention", "offload_attention"]
+def one_clip_over(chips: int, side: int = 16) -> list[str]:
+  """TINY as one clip of 2 x side x side latents split over `chips` sequence devices."""
+  return TINY[:-1] + [f"data.height={side}", f"data.width={side}", "data.batch_size=1", "mesh.fsdp=1",
+                      f"mesh.sequence={chips}"]
+
+
+SEQ_RULE = "mesh.rules={embed: [fsdp, sequence]}"
+
+
+@pytest.mark.parametrize("remat", OFFLOAD_CHOICES)
+def test_offload_choices_are_table_entries_that_train_like_full_remat(remat):
+  """Each new model.remat value builds its policy from the REMAT_POLICIES table and, on CPU (where
+  pinned_host offload degrades to keeping the value), gives full remat's gradients, scanned or not."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from src import config as C
+  from src.models.dit import DiT, remat_policy
+  from src.tasks import make_task
+
+  assert callable(remat_policy(remat))
+  cfg = C.load(None, TINY + [f"model.remat={remat}"])
+  batch = jax.tree.map(jnp.asarray, next(iter(make_task(cfg).batches())))
+  t = jnp.full(batch.packing.labels.shape, 300.0)
+
+  def grads(model_cfg):
+    graphdef, params = nnx.split(DiT(model_cfg, rngs=nnx.Rngs(0)))
+    return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(batch.tokens, t, batch.packing) ** 2)))(params)
+
+  expect = grads(dataclasses.replace(cfg.model, remat="full"))
+  for scan in (True, False):
+    got = grads(dataclasses.replace(cfg.model, scan_layers=scan))
+    for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(got)):
+      assert float(jnp.abs(a - b).max()) <= 1e-6
+
+
+def test_a_rule_shards_parameters_over_the_sequence_axis_too():
+  """Default rules: every parameter is copied on each `sequence` device (reported); with
+  'mesh.rules={embed: [fsdp, sequence]}' the embed axis is split over fsdp x sequence."""
+  from flax import nnx
+  from jax.sharding import PartitionSpec as P
+
+  from src import config as C
+  from src import mesh as M
+  from src.state import abstract_model
+  from src.tasks import make_task
+
+  for overrides, spec, replicated in (([], P(None, "fsdp", "tensor"), ["sequence"]),
+                                      ([SEQ_RULE], P(None, ("fsdp", "sequence"), "tensor"), [])):
+    cfg = C.load(None, TINY + ["mesh.fsdp=2", "mesh.sequence=4", *overrides])
+    mesh, rules = M.make_mesh(cfg.mesh), M.make_rules(cfg.mesh.rules)
+    _, params = abstract_model(make_task(cfg), mesh, rules)
+    fc1 = dict(nnx.to_flat_state(params))[("blocks", "fc1", "kernel")].get_value()
+    assert fc1.sharding.spec == spec
+    assert fc1.sharding.shard_shape(fc1.shape)[1] == fc1.shape[1] // (2 if replicated else 8)
+    assert M.replicated_axes(mesh, params) == replicated
+
+
+def test_an_out_of_memory_outside_hbm_is_named(monkeypatch, capsys):
+  """The TPU compiler's own out-of-memory (here a kernel's scalar memory) is quoted, not reported as HBM."""
+  error = "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space smem."
+  monkeypatch.setattr(aot, "compile_for_topology", lambda *a, **k: dict(topology="v5p-8", hbm_gib=95, fits=False,
+                                                                         error=error))
+  assert aot.main(["--topology", "v5p-8"]) == 1
+  err = capsys.readouterr().err
+  assert "does not fit on v5p-8: the TPU compiler ran out of memory: " + error in err and "HBM" not in err
+
+
+@needs_libtpu
+def test_cost_analysis_and_step_time_are_reported():
+  """xla_cost: XLA's cost analysis of the compiled step; step_seconds: its optimal_seconds with every
+  layer counted (2- and 3-layer unrolled compiles, extrapolated) plus the splash kernels it cannot cost."""
+  result = run_aot("--topology", "v5p-8", "--step-time", *one_clip_over(4), SEQ_RULE, "model.remat=full")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = report(result)
+  assert r["params_replicated_over"] == [] and r["remat"] == "full"
+  cost, step = r["xla_cost"], r["step_seconds"]
+  assert cost["optimal_seconds"] > 0 and cost["flops"] > 0 and cost["bytes_accessed"] > 0
+  # The scanned body is costed once by XLA; six layers cost more than that.
+  assert step["xla"] > cost["optimal_seconds"] and step["xla_flops_per_chip"] > cost["flops"]
+  # Splash attention's FLOPs are the twin's count minus XLA's, timed at v5p's peak.
+  assert step["kernel_flops_per_chip"] > 0
+  assert step["kernels_at_peak"] == pytest.approx(step["kernel_flops_per_chip"] / 459e12)
+  assert step["total"] == pytest.approx(step["xla"] + step["kernels_at_peak"])
+  assert step["xla_flops_per_chip"] + step["kernel_flops_per_chip"] == pytest.approx(r["flops_per_chip"])
+
+
+@needs_libtpu
+def test_the_tpu_compile_uses_the_attention_and_offload_policies():
+  """remat=attention keeps splash's forward results, so the backward recomputes no forward kernel
+  (fewer Mosaic kernels than full remat); offload_attention moves them and the layer inputs to host
+  memory (host temporaries); both count fewer FLOPs, the attention not recomputed."""
+  runs = {remat: report(run_aot("--topology", "v5p-8", *one_clip_over(4, 32), SEQ_RULE, f"model.remat={remat}"))
+          for remat in ("full", "attention", "offload_attention")}
+  full, keep, offload = runs["full"], runs["attention"], runs["offload_attention"]
+  assert keep["mosaic_kernels"] < full["mosaic_kernels"] and keep["flops_per_step"] < full["flops_per_step"]
+  assert full["host_temp_gib"] == keep["host_temp_gib"] == 0 < offload["host_temp_gib"]
+  assert offload["flops_per_step"] == pytest.approx(keep["flops_per_step"], rel=0.01)  # XLA fuses a little otherwise
