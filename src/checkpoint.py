@@ -8,6 +8,14 @@ Each step directory under `{workdir}/checkpoints/` holds four items:
 - `integrity`: a checksum of every array of the state (`checksums`).
 Saves are asynchronous and the manager keeps the newest N.
 
+A save that cannot be written (a full disk, a quota, an I/O error) leaves the previous
+checkpoints as they were: Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
+only when every item is whole, and deletes old steps only after that. The failure
+surfaces in the main thread at the next save (or at close) as one `WriteError` naming
+the step and the newest complete checkpoint; the error flood of Orbax's background
+writers (one record per array, "Event loop is closed" per pending write) is dropped
+from the log, since that one line carries its reason.
+
 Restores are checked: a checkpoint that fails to load (a missing or truncated file, bad
 metadata, a bad iterator state) or whose arrays do not match their checksums is
 reported with its step and reason, moved aside to `checkpoints.corrupt/`, and the next
@@ -21,6 +29,8 @@ changes with any single flipped bit.
 from __future__ import annotations
 
 import logging
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,52 @@ log = logging.getLogger(__name__)
 
 class CheckpointNotFoundError(FileNotFoundError):
   pass
+
+
+class WriteError(RuntimeError):
+  """A checkpoint (or another file of the run) could not be written; the checkpoints
+  already complete are intact."""
+
+
+# Orbax's background writers report a failed write once per array and pending future;
+# the main thread re-raises it as one WriteError.
+_NOISE = re.compile(r"orbax-checkpoint-tmp|_SignalingThread\.run\(\) raised|Handler Commit operations|"
+                    r"Save Finalize thread|exception was never retrieved|Event loop is closed")
+
+
+class _DropWriterNoise(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and _NOISE.search(record.getMessage()):
+      log.debug("background checkpoint writer: %s", record.getMessage()[:300])
+      return False
+    return True
+
+
+def _quiet_background_writers() -> None:
+  """Install (once) the filter on the loggers Orbax's threads use, and an unraisable
+  hook that drops the closed-event-loop errors of writes still pending after a failure."""
+  if getattr(sys.unraisablehook, "_drops_writer_noise", False):
+    return
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_DropWriterNoise())
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  hook._drops_writer_noise = True
+  sys.unraisablehook = hook
+
+
+def _reason(e: BaseException) -> str:
+  """The OS's words for a failed write (tensorstore wraps them in a long message)."""
+  text = str(e)
+  os_error = re.search(r"Failed to write [^:]*: (.*?) \[os_error_code='(\d+)'\]", text)
+  if os_error:
+    return f"{os_error.group(1)} (errno {os_error.group(2)})"
+  return (text.strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _words(x: jax.Array) -> jax.Array:
@@ -63,6 +119,9 @@ class Checkpointer:
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "config", "integrity"))
+    self.in_flight: int | None = None  # the step of the last save started
+    self.failed = False
+    _quiet_background_writers()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -73,8 +132,12 @@ class Checkpointer:
                 integrity=ocp.args.JsonSave({"state_checksums": sums}))
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    try:  # also where the previous asynchronous save's failure surfaces
+      saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    except Exception as e:  # noqa: BLE001 - any write failure: the complete checkpoints stay
+      raise self._write_error(e, step) from e
     if saved:
+      self.in_flight = step
       log.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
@@ -162,6 +225,32 @@ class Checkpointer:
     return self.first_readable(
         lambda s: self.manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"], step)
 
+  def _write_error(self, e: BaseException, step: int) -> WriteError:
+    self.failed = True
+    newest = self.newest()  # reloads the step list: a step that failed is not in it
+    failed = self.in_flight if self.in_flight is not None and self.in_flight not in self.manager.all_steps() else step
+    return WriteError(f"checkpoint step {failed} could not be written to {self.directory}: {_reason(e)}; "
+                      f"{newest}")
+
+  def newest(self) -> str:
+    """Which complete checkpoint a re-run resumes from, for error messages."""
+    self.manager.reload()
+    steps = self.manager.all_steps()
+    return (f"the newest complete checkpoint is step {max(steps)}; free space and re-run the same command to "
+            "resume from it" if steps else "no checkpoint is complete")
+
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Wait for the pending save (WriteError if it failed), then release the manager.
+    After a failure already raised, only releases."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      if not self.failed:
+        raise self._write_error(e, self.in_flight or 0) from e
+      log.debug("closing after a failed save", exc_info=True)
+    try:
+      self.manager.close()
+    except Exception:  # noqa: BLE001
+      if not self.failed:
+        raise
+      log.debug("closing after a failed save", exc_info=True)

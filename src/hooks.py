@@ -69,11 +69,18 @@ class MetricsWriter:
       self.tb.add_image("samples", image, step, dataformats="HWC")
     log.info("samples: wrote %s", out / f"step_{step:07d}.png")
 
-  def close(self) -> None:
-    if self.jsonl:
-      self.jsonl.close()
-    if self.tb:
-      self.tb.close()
+  def close(self, strict: bool = True) -> None:
+    """Flush and close; `strict=False` (the run is already failing, e.g. a full disk)
+    drops a second write error instead of raising it over the first."""
+    try:
+      if self.jsonl:
+        self.jsonl.close()
+      if self.tb:
+        self.tb.close()
+    except OSError:
+      if strict:
+        raise
+      log.debug("closing the metrics after a failure", exc_info=True)
 
 
 class Preemption:

@@ -20,7 +20,7 @@ from flax import nnx
 from src import config as config_lib
 from src import hooks, optim, storage, tasks
 from src import mesh as mesh_lib
-from src.checkpoint import Checkpointer
+from src.checkpoint import Checkpointer, WriteError
 from src.config import Config
 from src.lora import check_fingerprint
 from src.state import abstract_state, compile_step, fingerprint_of, init_state
@@ -59,6 +59,7 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   evaluator = hooks.Evaluator(task, mesh, rules, graphdef, frozen) if t.eval_every else None
   sampler = task.make_sampler(graphdef, frozen, t.sample_count) if t.sample_every else None
   saver, last = hooks.Saver(ckpt, data, config_lib.to_dict(cfg), t, start), {}
+  finished = False
   try:
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
       for step in range(start, t.steps):
@@ -76,11 +77,15 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
           writer.write_samples(done, workdir, sampler(state.ema, seed=cfg.seed))
         if saver(done, state):
           break
+    finished = True
   except KeyboardInterrupt:
     saver.interrupted(state)
     raise
+  except OSError as e:  # metrics or samples (a full disk, a quota): stop, the checkpoints are whole
+    ckpt.failed = True
+    raise WriteError(f"writing to {workdir} failed: {e}; {ckpt.newest()}") from e
   finally:
-    writer.close()
+    writer.close(strict=finished)
   return last
 
 
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     log.debug("start-up failed", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except NonFiniteError as e:
+  except (NonFiniteError, WriteError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

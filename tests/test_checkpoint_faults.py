@@ -93,3 +93,53 @@ def test_sampling_reads_the_newest_readable_checkpoint(trained, tmp_path, caplog
   assert "checkpoint step 6" in caplog.text and "cannot be read" in caplog.text
   assert jax.tree.leaves(params)
   assert (workdir / "checkpoints" / "6").is_dir()  # a reader moves nothing
+
+
+# The real CLI, whose disk "fills up" once its first checkpoint is complete: the kernel's
+# file-size limit (RLIMIT_FSIZE, inherited by every thread, tensorstore's too) makes every
+# later write that grows a file past LIMIT bytes fail with EFBIG, as ENOSPC would. Python
+# ignores SIGXFSZ, so the writes fail instead of killing the process; stderr is a pipe.
+DISK_FILLS_UP = """
+import resource, sys
+from src import checkpoint, train
+save, limit = checkpoint.Checkpointer.save, int(sys.argv[1])
+def save_then_fill(self, step, *args, **kwargs):
+  saved = save(self, step, *args, **kwargs)
+  if self.in_flight == step and step == 2:
+    self.manager.wait_until_finished()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+  return saved
+checkpoint.Checkpointer.save = save_then_fill
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limit,what", [(64 * 1024, "checkpoint step 4 could not be written"),
+                                        (0, "writing to")])
+def test_a_write_error_mid_run_keeps_the_previous_checkpoint_in_one_line(trained, tmp_path, limit, what):
+  """64 KiB: the metrics still fit, the next checkpoint's arrays do not (Orbax's asynchronous
+  writer fails); 0: the metrics fail first. Either way: exit 1, one error line naming the
+  newest complete checkpoint (step 2) and no traceback or background-writer flood; the
+  step-2 checkpoint is untouched, and re-running the command resumes from it and ends
+  exactly where the uninterrupted run ends."""
+  import subprocess
+  import sys
+
+  workdir = tmp_path / "run"
+  args = TINY + [f"workdir={workdir}", "train.steps=6", "train.async_checkpoint=true"]
+  out = subprocess.run([sys.executable, "-c", DISK_FILLS_UP, str(limit), *args], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], timeout=600)
+  assert out.returncode == 1, out.stderr[-3000:]
+  ours = [line for line in out.stderr.splitlines() if not line.startswith(("E0000", "WARNING", "==="))
+          and "libtpu" not in line and "TPU" not in line]
+  errors = [line for line in ours if line.startswith("error") or " ERROR " in line or "Error:" in line]
+  assert len(errors) == 1 and errors[0].startswith("error: " + what), "\n".join(ours)
+  assert "the newest complete checkpoint is step 2" in errors[0]
+  assert not any("Traceback" in line for line in ours), "\n".join(ours)
+  complete = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert complete == [2]
+  assert main(args) == 0  # the disk has room again
+  resumed = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+  reference = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
+  assert resumed["step"] == reference["step"] == 6 and resumed["loss"] == reference["loss"]
