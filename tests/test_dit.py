@@ -327,6 +327,27 @@ def test_splash_kernel_equals_xla_attention(model, mesh_sizes):
       np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
 
 
+def test_long_sequences_take_larger_splash_tiles(model, monkeypatch):
+  """The tile doubles until the kernel's q x kv block grid is small enough for the TPU's
+  scalar memory (Wan 720p x 81: 75,600 tokens take 512); a larger tile (forced here on a
+  short row, padded from 96 to 256 tokens) gives the same attention."""
+  from src.models import attention as A
+
+  assert A.splash_block(4352, 4352) == 128 and A.splash_block(32760, 32760) == 256
+  assert A.splash_block(75600, 75600) == 512 and A.splash_block(10**7, 10**7) == A.SPLASH_MAX_BLOCK
+  monkeypatch.setattr(A, "SPLASH_GRID_PAIRS", 0)
+  monkeypatch.setattr(A, "SPLASH_MAX_BLOCK", 256)
+  assert A.splash_block(96, 96) == 256
+  row = pack_rows(packed_examples(seed=7), 96, max_segments=4)
+  batch = as_jnp(row)
+  times = jnp.array([[100.0, 500.0, 900.0, 0.0]])
+  expect = model(batch.tokens, times, batch.packing)
+  graphdef = nnx.graphdef(DiT(dataclasses.replace(CFG, attention="splash"), rngs=nnx.Rngs(0)))
+  got = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))(model.params, batch.tokens, times, batch.packing)
+  real = np.asarray(batch.packing.segment_ids) > 0
+  np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expect)[real], atol=2e-5)
+
+
 def test_cudnn_path_passes_the_packing_mask_as_bias(model, monkeypatch):
   """attention=cudnn hands q/k/v and the packing bias to jax.nn.dot_product_attention
   with implementation='cudnn'. No GPU here: the call is redirected to the same

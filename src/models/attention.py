@@ -15,6 +15,7 @@ splash kernel needs only the segment ids, which the same object carries.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,13 @@ class Mask:
   impl: str = struct.field(pytree_node=False, default="xla")
 
 
-SPLASH_BLOCK = 128  # splash tiles: sequence lengths are padded to a multiple
+SPLASH_BLOCK = 128  # splash tiles (the smallest): sequence lengths are padded to a multiple
+# The kernel keeps its block mask (a few bytes per q-block x kv-block pair) in the TPU core's
+# 1 MiB scalar memory: 128-token tiles over 75,600 tokens (Wan 720p x 81) need 591^2 pairs and
+# the compile fails ("Ran out of memory in memory space smem"). Longer sequences take larger
+# tiles, up to SPLASH_MAX_BLOCK, so that at most SPLASH_GRID_PAIRS pairs remain.
+SPLASH_MAX_BLOCK = 2048
+SPLASH_GRID_PAIRS = 32768
 SPLASH_LANES = 128  # TPU lane width: head dims are zero-padded to a multiple
 SPLASH_PAD_KV = -1  # segment id of padded keys: no query ever matches it
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention computes in half precision
@@ -124,18 +131,27 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
   return jnp.pad(x, pad, constant_values=value)
 
 
+def splash_block(lq: int, lk: int) -> int:
+  """The kernel's tile: 128, doubled while the q x kv block grid exceeds SPLASH_GRID_PAIRS."""
+  block = SPLASH_BLOCK
+  while block < SPLASH_MAX_BLOCK and math.ceil(lq / block) * math.ceil(lk / block) > SPLASH_GRID_PAIRS:
+    block *= 2
+  return block
+
+
 def _splash_local(q, k, v, q_seg, kv_seg):
   """Splash on one device's block: q [B, Lq, K, Dh] (pre-scaled) -> [B, Lq, K, Dh]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
   lq, heads, dh = q.shape[1], q.shape[2], q.shape[3]
+  tile = splash_block(lq, k.shape[1])
   # [B, K, L, Dh], head dim and lengths padded to the kernel's tiles.
-  q, k, v = (_pad_to(_pad_to(jnp.swapaxes(a, 1, 2), 3, SPLASH_LANES), 2, SPLASH_BLOCK) for a in (q, k, v))
-  q_seg = _pad_to(q_seg, 1, SPLASH_BLOCK)  # padded queries join the padding segment 0
-  kv_seg = _pad_to(kv_seg, 1, SPLASH_BLOCK, SPLASH_PAD_KV)
-  block = sk.BlockSizes(*(min(SPLASH_BLOCK, n) for n in (q.shape[2], k.shape[2], k.shape[2])),
-                        *(min(SPLASH_BLOCK, n) for n in (q.shape[2], k.shape[2], k.shape[2], q.shape[2], k.shape[2])))
+  q, k, v = (_pad_to(_pad_to(jnp.swapaxes(a, 1, 2), 3, SPLASH_LANES), 2, tile) for a in (q, k, v))
+  q_seg = _pad_to(q_seg, 1, tile)  # padded queries join the padding segment 0
+  kv_seg = _pad_to(kv_seg, 1, tile, SPLASH_PAD_KV)
+  block = sk.BlockSizes(*(min(tile, n) for n in (q.shape[2], k.shape[2], k.shape[2])),
+                        *(min(tile, n) for n in (q.shape[2], k.shape[2], k.shape[2], q.shape[2], k.shape[2])))
   kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((q.shape[2], k.shape[2]))] * heads), block_sizes=block,
                               head_shards=1, q_seq_shards=1, interpret=target_platform() != "tpu")
   out = jax.vmap(lambda q_, k_, v_, qs, ks: kernel(q_, k_, v_, segment_ids=sk.SegmentIds(q=qs, kv=ks)))(
