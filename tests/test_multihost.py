@@ -131,31 +131,47 @@ def test_two_processes_match_one_and_resume(tmp_path):
     assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}: 2 processes {got[step]}, 1 process {want[step]}"
 
 
-def test_sigterm_to_one_host_stops_both_at_one_step_and_resumes_exactly(tmp_path):
-  """A TPU preemption signals hosts at different moments: here only process 1, at a
-  random moment after step 2. Both must agree on the step, save one checkpoint together
-  and exit 0; the resumed run logs exactly the losses of an uninterrupted one."""
+SIGTERM_STEPS = ["train.steps=10", "train.ckpt_every=100", "train.async_checkpoint=false"]
+# Trials per case: 1 in the suite; PREEMPTION_TRIALS=5 for the issue's 5-of-5 (docs/reliability.md).
+TRIALS = int(os.environ.get("PREEMPTION_TRIALS", "1"))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The uninterrupted 2-process run the preempted ones must end equal to."""
+  workdir = tmp_path_factory.mktemp("straight") / "run"
+  two_processes(workdir, "straight", *SIGTERM_STEPS)
+  return losses(workdir)
+
+
+@pytest.mark.parametrize("signalled", [[1], [0, 1]], ids=["one host", "both hosts"])
+def test_sigterm_stops_both_hosts_at_one_step_and_resumes_exactly(tmp_path, straight, signalled):
+  """A TPU preemption signals hosts at different moments: here process 1 alone, or both,
+  each at its own random moment after step 2. Both must agree on the step, save one
+  checkpoint together and exit 0; the resumed run logs exactly the losses of an
+  uninterrupted one. TRIALS times, each with fresh random moments."""
   import random
   import signal
   import time
 
-  steps = ["train.steps=10", "train.ckpt_every=100", "train.async_checkpoint=false"]
-  straight = tmp_path / "straight"
-  two_processes(straight, "straight", *steps)
-  run = tmp_path / "run"
-  port = free_port()
-  logs = [tmp_path / f"signalled-process{i}.log" for i in range(2)]
-  procs = [start(["-m", "src.train", *TINY, f"workdir={run}", *steps, "mesh.distributed=true",
-                  f"mesh.coordinator_address=localhost:{port}", "mesh.num_processes=2", f"mesh.process_id={i}"],
-                 devices=2, log=logs[i]) for i in range(2)]
-  deadline = time.time() + TIMEOUT
-  while "train step 2 " not in logs[0].read_text() and time.time() < deadline and procs[0].poll() is None:
-    time.sleep(0.2)
-  time.sleep(random.Random().uniform(0.0, 1.0))
-  procs[1].send_signal(signal.SIGTERM)
-  finish(procs, logs)
-  saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-  assert len(saved) == 1 and saved[0] < 10, saved  # one common checkpoint, before the end
-  assert (run / "checkpoints" / str(saved[0]) / "data" / "process_1-of-2.json").is_file()
-  two_processes(run, "resumed", *steps)
-  assert losses(run) == losses(straight)
+  rng = random.Random()
+  for trial in range(TRIALS):
+    run = tmp_path / f"trial{trial}"
+    port = free_port()
+    logs = [tmp_path / f"trial{trial}-signalled-process{i}.log" for i in range(2)]
+    procs = [start(["-m", "src.train", *TINY, f"workdir={run}", *SIGTERM_STEPS, "mesh.distributed=true",
+                    f"mesh.coordinator_address=localhost:{port}", "mesh.num_processes=2", f"mesh.process_id={i}"],
+                   devices=2, log=logs[i]) for i in range(2)]
+    deadline = time.time() + TIMEOUT
+    while "train step 2 " not in logs[0].read_text() and time.time() < deadline and procs[0].poll() is None:
+      time.sleep(0.2)
+    t0 = time.time()
+    for at, i in sorted((rng.uniform(0.0, 1.0), i) for i in signalled):
+      time.sleep(max(0.0, t0 + at - time.time()))
+      procs[i].send_signal(signal.SIGTERM)
+    finish(procs, logs)
+    saved = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and saved[0] < 10, (trial, saved)  # one common checkpoint, before the end
+    assert (run / "checkpoints" / str(saved[0]) / "data" / "process_1-of-2.json").is_file()
+    two_processes(run, f"trial{trial}-resumed", *SIGTERM_STEPS)
+    assert losses(run) == straight, f"trial {trial}"
