@@ -81,9 +81,9 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   except KeyboardInterrupt:
     saver.interrupted(state)
     raise
-  except OSError as e:  # metrics or samples (a full disk, a quota): stop, the checkpoints are whole
+  except OSError as e:  # metrics, samples (a full disk, a quota) or a data read: stop, the checkpoints are whole
     ckpt.failed = True
-    raise WriteError(f"writing to {workdir} failed: {e}; {ckpt.newest()}") from e
+    raise WriteError(f"an I/O error stopped the run in {workdir} ({e}); {ckpt.newest()}") from e
   finally:
     writer.close(strict=finished)
   return last
