@@ -1,6 +1,5 @@
-"""Typed configuration: one dataclass schema holds every default. YAML presets hold
-only what differs; the command line adds dotted overrides (`train.steps=200`). OmegaConf
-merges and type-checks; this module adds the cross-field checks and "did you mean"."""
+"""Typed configuration: one dataclass schema holds every default, YAML presets what differs, the command line dotted
+overrides (`train.steps=200`). OmegaConf merges and type-checks; this module adds cross-field checks, "did you mean"."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
-
 
 from src.config_checks import DATA_SOURCES, TFDS_PREFIX, ConfigError, check as _check  # noqa: F401 (re-exported)
 
@@ -29,9 +27,8 @@ VARIANTS = {  # model.variant -> DiT sizes (mlp: the MLP width where it is not w
     "wan2.1-t2v-1.3b": dict(depth=30, width=1536, heads=12, mlp=8960),
     "wan2.1-t2v-14b": dict(depth=40, width=5120, heads=40, mlp=13824),
 }
-# model.remat -> what the backward pass keeps (full: the layer inputs alone): a jax.checkpoint_policies member,
-# or (factory, kwargs): the policy a factory (jax.checkpoint_policies', else dit.REMAT_FACTORIES) builds. offload_*
-# move residuals to host memory (pinned_host); block_in is the tagged layer input; attention: splash's out, logsumexp.
+# model.remat -> what the backward pass keeps (full: layer inputs alone): a jax.checkpoint_policies member, or (factory,
+# kwargs) for a factory (jax's, else dit.REMAT_FACTORIES). offload_*: to host memory; block_in: the tagged layer input.
 _HOST = dict(offload_src="device", offload_dst="pinned_host")
 REMAT_POLICIES = {
     "none": None,
@@ -205,6 +202,19 @@ class ObjectiveConfig:
 
 
 @dataclass
+class ConditioningConfig:
+  """The training mix of conditioning modes (`src.frames`): relative weights per example; frames are latent frames."""
+
+  t2v: float = 1.0  # no frame given: text (or label) to video
+  i2v: float = 0.0  # the first latent frame given: image to video
+  continuation: float = 0.0  # the first k latent frames given, k uniform in continuation_frames
+  keyframes: float = 0.0  # the first and the last latent frame given
+  independent: float = 0.0  # no frame given, every frame at its own noise level (diffusion forcing)
+  continuation_frames: List[int] = field(default_factory=lambda: [1, 4])  # [min, max] k, latent frames
+  noise: float = 0.0  # > 0: conditioning frames noised at a level uniform in [0, noise] (noise augmentation)
+
+
+@dataclass
 class OptimConfig:
   """AdamW with linear warmup, cosine (or constant) decay, global-norm clipping, EMA."""
 
@@ -307,6 +317,7 @@ class Config:
   text: TextConfig = field(default_factory=TextConfig)
   lora: LoRAConfig = field(default_factory=LoRAConfig)
   objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+  conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
   optim: OptimConfig = field(default_factory=OptimConfig)
   data: DataConfig = field(default_factory=DataConfig)
   train: TrainConfig = field(default_factory=TrainConfig)

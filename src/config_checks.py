@@ -33,6 +33,8 @@ RANGES = {
     "objective.logit_mean": "(-inf, inf)", "objective.logit_std": "(0, inf)", "objective.shift": "(0, inf)",
     "objective.shift_base_tokens": COUNT, "objective.beta_start": "(0, 1)", "objective.beta_end": "(0, 1)",
     "objective.num_train_timesteps": "[2, inf)", "objective.min_snr_gamma": COUNT, "objective.cond_dropout": FRACTION,
+    **{f"conditioning.{k}": COUNT for k in ("t2v", "i2v", "continuation", "keyframes", "independent")},
+    "conditioning.noise": FRACTION,
     "optim.lr": "(0, inf)", "optim.warmup_steps": COUNT, "optim.min_lr_ratio": FRACTION, "optim.weight_decay": COUNT,
     "optim.b1": "[0, 1)", "optim.b2": "[0, 1)", "optim.eps": "(0, inf)", "optim.clip_norm": "(0, inf)",
     "optim.ema_decay": FRACTION,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from src.config import ObjectiveConfig
-from src.models.layers import gather_to_tokens
+from src.models.layers import to_tokens
 
 # DiT timestep embeddings were designed for t in [0, 1000): flow time is scaled to match.
 FLOW_TIME_SCALE = 1000.0
@@ -126,9 +126,10 @@ def model_time(cfg: ObjectiveConfig, t: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------- noising, targets
 
 
-def noise_and_target(cfg: ObjectiveConfig, x0, noise, t, segment_ids):
-  """Noised tokens x_t and the regression target, both [B, L, P]; t is [B, K]."""
-  t_tok = gather_to_tokens(t, segment_ids)[..., None]  # [B, L, 1]
+def noise_and_target(cfg: ObjectiveConfig, x0, noise, t, segment_ids, frame_ids=None):
+  """Noised tokens x_t and the regression target, both [B, L, P]; t is [B, K] per
+  example, or [B, K, F] per (example, frame) with `frame_ids` [B, L] (`src.frames`)."""
+  t_tok = to_tokens(t, segment_ids, frame_ids)[..., None]  # [B, L, 1]
   if cfg.kind == "flow":
     return (1.0 - t_tok) * x0 + t_tok * noise, noise - x0
   a, s, _ = _signal_noise_snr(cfg, t_tok)  # [B, L, 1] each
@@ -179,17 +180,22 @@ def loss_weight(cfg: ObjectiveConfig, t: jax.Array) -> jax.Array:
   raise ValueError(f"unknown prediction {cfg.prediction!r}; expected eps, v or x0.")
 
 
-def masked_loss(cfg: ObjectiveConfig, pred, target, segment_ids, weight) -> jax.Array:
-  """Weighted mean squared error over real tokens, a float32 scalar.
+def masked_loss(cfg: ObjectiveConfig, pred, target, segment_ids, weight, frame_ids=None, keep=None) -> jax.Array:
+  """Weighted mean squared error over real tokens, a float32 scalar. `weight` is [B, K]
+  per example, or [B, K, F] per frame with `frame_ids` [B, L]; `keep` (shaped like
+  `weight`, bool) leaves the slots it is False for out of the loss: conditioning frames.
 
   'token': every real token in the batch counts once; 'example': every real example
-  counts once, however long. Padding is removed with `where` before squaring, so
-  neither the value nor the gradient depends on what padding holds (even inf/NaN).
+  counts once, however long. Padding and left-out tokens are removed with `where`
+  before squaring, so neither the value nor the gradient depends on what they hold
+  (even inf/NaN).
   """
   real = segment_ids > 0  # [B, L]
+  if keep is not None:
+    real &= to_tokens(keep, segment_ids, frame_ids)
   diff = jnp.where(real[..., None], pred.astype(jnp.float32) - target.astype(jnp.float32), 0.0)
   err = jnp.mean(jnp.square(diff), axis=-1)  # [B, L]
-  err = jnp.where(real, err * gather_to_tokens(weight.astype(jnp.float32), segment_ids), 0.0)
+  err = jnp.where(real, err * to_tokens(weight.astype(jnp.float32), segment_ids, frame_ids), 0.0)
   if cfg.loss_reduction == "token":
     return jnp.sum(err) / jnp.maximum(jnp.sum(real), 1)
   if cfg.loss_reduction == "example":

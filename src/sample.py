@@ -1,4 +1,5 @@
 """`python -m src.sample --workdir RUN [--label N | --prompt TEXT] ... --out PATH.{mp4,gif,png}`
+`python -m src.sample --workdir RUN --image FIRST.png | --video PREFIX.mp4 | --keyframes FIRST.png LAST.png ...`
 `python -m src.sample --pretrained WAN_ROOT --prompt TEXT [--negative-prompt TEXT] --size 832x480 --frames 81`
 
 Generates from the newest checkpoint of a run (EMA weights unless --no-ema), or from a
@@ -6,6 +7,12 @@ diffusers Wan 2.1 model root (transformer/, vae/, text_encoder/ + tokenizer/: th
 pipeline of `src.wan_pipeline`, as diffusers' WanPipeline), and writes one video file
 per sample and a PNG grid of all of them (rows: samples, columns: frames). A run's
 generation is `src.generate` (which the trainer's periodic samples use too).
+
+Given frames (a run with a VAE; `src.frames`): `--image` is the first frame
+(image-to-video), `--video` a clip the sample continues (its first 1 + 4k frames, the
+most that leave a latent frame to generate), `--keyframes` the first and the last frame.
+They are encoded by the run's VAE, held fixed through sampling, and the video begins
+(and with keyframes ends) with them.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -22,6 +31,8 @@ from src import config as config_lib
 from src import media, samplers
 from src import mesh as mesh_lib
 from src.checkpoint import CheckpointNotFoundError
+from src.data import video as video_lib
+from src.data.video import BadInput
 from src.generate import Spec, generate
 from src.runs import load_task_run
 from src.tasks import DiTTask
@@ -40,6 +51,10 @@ def parse_args(argv):
   p.add_argument("--shift", type=float, help="--pretrained: flow shift (default: scheduler/ of the root, else 3.0)")
   p.add_argument("--lora", help="--pretrained: a diffusers Wan LoRA file (.safetensors) folded into the transformer")
   p.add_argument("--lora-scale", type=float, default=1.0, help="--pretrained: the LoRA's strength")
+  given = p.add_mutually_exclusive_group()
+  given.add_argument("--image", help="--workdir: image-to-video, a PNG/JPEG that is the first frame")
+  given.add_argument("--video", help="--workdir: continuation, a video whose first frames begin the sample")
+  given.add_argument("--keyframes", nargs=2, metavar=("FIRST", "LAST"), help="--workdir: the first and last frames")
   p.add_argument("--label", type=int, help="class label (class-conditional models)")
   p.add_argument("--prompt", help="caption (caption-conditioned models)")
   p.add_argument("--negative-prompt", default="",
@@ -94,13 +109,62 @@ def main(argv=None) -> int:
   shape = task.latent_shape((args.frames or cfg.data.frames, args.height or cfg.data.height,
                              args.width or cfg.data.width))
   label = -1 if args.label is None else args.label
-  specs = [Spec(shape, label, args.prompt)] * args.num
+  try:
+    given, given_frames = given_from_files(args, cfg, frozen, shape)
+  except (ValueError, OSError, BadInput) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  specs = [Spec(shape, label, args.prompt, given, given_frames)] * args.num
   videos = []
   for i in tqdm(range(args.num), desc="sampling", unit="video", file=sys.stderr):
     videos += generate(graphdef, params, cfg, specs[i:i + 1], steps=args.steps, guidance=args.cfg,
                        method=args.sampler, seed=args.seed + i, frozen=frozen, negative_prompt=args.negative_prompt)
   write(out, videos, args.scale)
   return 0
+
+
+def given_from_files(args, cfg, frozen: dict, shape) -> tuple:
+  """(latents [T, H, W, C], frame indices) of --image / --video / --keyframes for a
+  sample of latent `shape`, encoded by the run's VAE; (None, ()) for none."""
+  if not (args.image or args.video or args.keyframes):
+    return None, ()
+  if "vae" not in frozen:
+    raise ValueError("--image, --video and --keyframes need a run with a VAE (vae.enabled): the frames are pixels "
+                     "it encodes")
+  if (args.video or args.keyframes) and shape[0] < 2:
+    raise ValueError(f"--{'video' if args.video else 'keyframes'} needs a sample of at least 2 latent frames "
+                     f"(--frames); this one has {shape[0]}")
+  ft, fs = cfg.vae.compression()
+  size = (shape[1] * fs, shape[2] * fs)  # pixels
+  read = lambda path: video_lib.read_image(Path(path).read_bytes())  # uint8 [1, H, W, 3]
+  if args.video:
+    total = 1 + ft * (shape[0] - 1)  # pixel frames of the sample
+    clip = video_lib.read_video(Path(args.video).read_bytes(), lambda n, fps: np.arange(min(n, total - ft)),
+                                lambda h, w: size)
+    pixels = [clip[:1 + ft * ((len(clip) - 1) // ft)]]  # 1 + 4k frames: k + 1 latent frames
+  elif args.image:
+    pixels = [read(args.image)]
+  else:  # the last keyframe: a still held for `ft` frames, whose last latent frame it is
+    first, last = (read(p) for p in args.keyframes)
+    pixels = [first, np.concatenate([last] * (1 + ft))]
+  latents = [encode_given(frozen["vae"], video_lib.to_unit_range(video_lib.resize(v, size))) for v in pixels]
+  given = np.zeros((*shape, cfg.model.in_channels), np.float32)
+  if args.keyframes:
+    given[0], given[-1] = latents[0][0], latents[1][-1]
+    return given, (0, shape[0] - 1)
+  given[:len(latents[0])] = latents[0]
+  return given, tuple(range(len(latents[0])))
+
+
+def encode_given(vae, pixels: np.ndarray) -> np.ndarray:
+  """Pixels [T, H, W, 3] in [-1, 1] -> the normalised latent mean [t, h, w, C], as the DiT sees latents."""
+  return np.asarray(_encode(vae, jnp.asarray(pixels)[None]))[0]
+
+
+@jax.jit
+def _encode(vae, pixels):
+  model = vae.model()
+  return model.normalize(model.encode(pixels)[0])
 
 
 def write(out: Path, videos: list, scale: int) -> None:
@@ -131,8 +195,6 @@ def pretrained_embeddings(args, pipe) -> tuple:
 
 def sample_pretrained(args) -> list:
   """Videos [T, H, W, 3] in [-1, 1] from a diffusers Wan root, one per seed."""
-  import jax
-
   from src.wan_pipeline import WanPipeline
 
   width, height = (int(v) for v in args.size.lower().split("x"))

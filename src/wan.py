@@ -333,8 +333,9 @@ def export_diffusers(params, m: ModelConfig, dst: str | Path, *, dtype=np.float3
 
 def wan_forward(model: DiT, latents, timestep, text) -> jax.Array:
   """The model on diffusers-layout arrays, as `WanTransformer3DModel.forward`: latents
-  [B, C, T, H, W], timesteps [B] on the 0-1000 scale, text embeddings [B, Lc, Dc]
-  (every slot attended, as Wan's padded embeddings are) -> prediction [B, C, T, H, W]."""
+  [B, C, T, H, W], timesteps [B] on the 0-1000 scale (or [B, T'], one per patch frame:
+  diffusers' per-token timestep of Wan 2.2 TI2V, constant over a frame), text embeddings
+  [B, Lc, Dc] (every slot attended, as Wan's padded embeddings are) -> prediction [B, C, T, H, W]."""
   from src.batch import Packing
   from src.models.patch import patchify, unpatchify
 
@@ -346,7 +347,8 @@ def wan_forward(model: DiT, latents, timestep, text) -> jax.Array:
   packing = Packing(segment_ids=jnp.ones((b, len(tokens[0])), jnp.int32), positions=jnp.asarray(np.stack(positions)),
                     grid=jnp.asarray(np.array(grid, np.int32)[:, None]), labels=jnp.full((b, 1), -1, jnp.int32),
                     cond=jnp.asarray(text, jnp.float32), cond_segment_ids=jnp.ones((b, lc), jnp.int32))
-  time = jnp.asarray(timestep, jnp.float32).reshape(b, 1)
+  time = jnp.asarray(timestep, jnp.float32).reshape(b, 1, -1)  # [B, 1, T'] per frame
+  time = time[..., 0] if np.ndim(timestep) == 1 else time
   out = np.asarray(model(jnp.asarray(np.stack(tokens)), time, packing))  # [B, N, P]
   videos = [unpatchify(out[i], grid[i], model.cfg.patch, c) for i in range(b)]
   return jnp.asarray(np.stack(videos).transpose(0, 4, 1, 2, 3))

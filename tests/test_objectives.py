@@ -11,6 +11,7 @@ import pytest
 
 from src import objectives as obj
 from src.config import ObjectiveConfig
+from src.models.layers import gather_to_tokens, to_tokens
 
 N = 1000
 
@@ -86,10 +87,23 @@ def test_unknown_schedule_raises():
 
 def test_gather_to_tokens():
   per = np.arange(2 * K * 2, dtype=np.float32).reshape(2, K, 2)  # trailing dim kept
-  got = np.asarray(obj.gather_to_tokens(jnp.asarray(per), jnp.asarray(SEG)))
+  got = np.asarray(gather_to_tokens(jnp.asarray(per), jnp.asarray(SEG)))
   for b in range(2):
     for l in range(SEG.shape[1]):
       np.testing.assert_array_equal(got[b, l], per[b, max(SEG[b, l] - 1, 0)])
+
+
+def test_per_frame_values_reach_the_tokens_of_their_frame():
+  frames = np.array([[0, 1, 2, 0, 5, 0], [0, 0, 1, 1, 0, 1]], np.int32)  # 5: past F - 1, reads slot F - 1
+  per = np.arange(2 * K * 3 * 2, dtype=np.float32).reshape(2, K, 3, 2)  # F = 3, trailing dim kept
+  for dtype in (np.float32, np.int32, bool):
+    values = (per % 2 == 0) if dtype is bool else per.astype(dtype)
+    got = np.asarray(to_tokens(jnp.asarray(values), jnp.asarray(SEG), jnp.asarray(frames)))
+    for b in range(2):
+      for l in np.nonzero(SEG[b])[0]:
+        np.testing.assert_array_equal(got[b, l], values[b, SEG[b, l] - 1, min(frames[b, l], 2)])
+  flat = to_tokens(jnp.asarray(per[:, :, :1]), jnp.asarray(SEG), jnp.asarray(frames))  # F = 1: per example
+  np.testing.assert_array_equal(flat, gather_to_tokens(jnp.asarray(per[:, :, 0]), jnp.asarray(SEG)))
 
 
 def test_shift_time():
@@ -161,7 +175,7 @@ def test_flow_endpoints_and_target():
   np.testing.assert_allclose(x_t[0, :3], x0[0, :3])  # t = 0: data
   np.testing.assert_allclose(x_t[0, 3:5], noise[0, 3:5])  # t = 1: noise
   np.testing.assert_allclose(x_t[1, :4], 0.7 * x0[1, :4] + 0.3 * noise[1, :4], rtol=1e-6)
-  t_tok = obj.gather_to_tokens(t, jnp.asarray(SEG))
+  t_tok = gather_to_tokens(t, jnp.asarray(SEG))
   x0_hat, eps_hat = obj.predict_x0_and_eps(cfg(), x_t, v, t_tok)
   np.testing.assert_allclose(x0_hat, x0, atol=1e-5)
   np.testing.assert_allclose(eps_hat, noise, atol=1e-5)
@@ -175,12 +189,12 @@ def test_diffusion_targets_round_trip(schedule, prediction):
   t = jnp.array([[0, 500, 998], [250, 999, 7]], jnp.int32)
   x_t, target = obj.noise_and_target(c, x0, noise, t, jnp.asarray(SEG))
   # Hand formula with the test's own float64 alpha_bar.
-  ab = ref_alphas_cumprod(schedule)[np.asarray(obj.gather_to_tokens(t, jnp.asarray(SEG)))][..., None]
+  ab = ref_alphas_cumprod(schedule)[np.asarray(gather_to_tokens(t, jnp.asarray(SEG)))][..., None]
   a, s = np.sqrt(ab), np.sqrt(1 - ab)
   np.testing.assert_allclose(x_t, a * x0 + s * noise, rtol=1e-5, atol=1e-6)
   want = {"eps": noise, "x0": x0, "v": a * noise - s * x0}[prediction]
   np.testing.assert_allclose(target, want, rtol=1e-5, atol=1e-6)
-  x0_hat, eps_hat = obj.predict_x0_and_eps(c, x_t, target, obj.gather_to_tokens(t, jnp.asarray(SEG)))
+  x0_hat, eps_hat = obj.predict_x0_and_eps(c, x_t, target, gather_to_tokens(t, jnp.asarray(SEG)))
   # Inverting at an extreme step divides by a small sqrt(abar) or sqrt(1-abar): float32
   # error grows by that factor, so compare where the division is well conditioned.
   ok = (np.minimum(a, s) > 0.05)[..., 0]

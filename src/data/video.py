@@ -96,7 +96,7 @@ def pick_frames(count: int, native_fps: float, fps: float, stride: int, lengths:
   return offsets + int(rng.integers(0, count - offsets[-1]))
 
 
-def _resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """uint8 [T, H, W, 3] -> [T, *size, 3]: cover, then centre-crop."""
   cover = cover_size(frames.shape[1:3], size)
   if cover != frames.shape[1:3]:
@@ -234,7 +234,7 @@ class ClipDecoder:
       data = media.item() if isinstance(media, np.ndarray) else media
       if data[:8].startswith(IMAGE_MAGIC):
         frames = read_image(data)
-        frames = _resize(frames, self.shape.frame_size(*frames.shape[1:3]))
+        frames = resize(frames, self.shape.frame_size(*frames.shape[1:3]))
       else:
         frames = read_video(data, choose, self.shape.frame_size)
     if len(frames) == 1 and self.frame_multiple > 1:  # a still clip one temporal patch long
@@ -246,4 +246,4 @@ class ClipDecoder:
     if frames.ndim != 4 or frames.shape[-1] != 3:
       raise BadInput("channels", f"uint8 array of shape {array.shape}")
     frames = frames[choose(len(frames), DEFAULT_FPS)]  # arrays state no frame rate
-    return _resize(frames, self.shape.frame_size(*frames.shape[1:3]))
+    return resize(frames, self.shape.frame_size(*frames.shape[1:3]))

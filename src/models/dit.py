@@ -28,7 +28,7 @@ from src.config import REMAT_POLICIES, VARIANTS, LoRAConfig, ModelConfig
 from src.mesh import constrain
 from src.models.attention import Mask, Rope, attend, make_mask, rope_angles
 from src.models.text import ByteTextEncoder
-from src.models.layers import Dense, Embed, LayerNorm, RMSNorm, gather_to_tokens, layer_norm, param, zeros
+from src.models.layers import Dense, Embed, LayerNorm, RMSNorm, gather_to_tokens, layer_norm, param, to_tokens, zeros
 
 MAX_PERIOD = 10000.0  # sinusoidal timestep features
 NUM_MODULATIONS = 6  # shift, scale, gate for attention and for the MLP
@@ -86,11 +86,13 @@ class Context:
   cond: jax.Array | None = None  # [B, Lc, D]
   cross_mask: Mask | None = None
   lora_key: jax.Array | None = None  # the adapters' dropout in training; None: none
+  frame_ids: jax.Array | None = None  # [B, L] patch frame of each token, with per-frame time; None: per example
 
-  def to_tokens(self, per_example: jax.Array) -> jax.Array:
-    """[B, K, D] -> [B, L, D]. Modulation stays per example until each block uses it:
-    per token it would be a [B, L, 6, D] tensor whose gradient is summed over layers."""
-    return gather_to_tokens(per_example, self.segment_ids)
+  def to_tokens(self, per_slot: jax.Array) -> jax.Array:
+    """[B, K, D] per example, or [B, K, F, D] per (example, frame) -> [B, L, D].
+    Modulation stays per slot until each block uses it: per token it would be a
+    [B, L, 6, D] tensor whose gradient is summed over layers."""
+    return to_tokens(per_slot, self.segment_ids, self.frame_ids)
 
 
 class Attention(nnx.Module):
@@ -138,8 +140,8 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, e: jax.Array, ctx: Context, key: jax.Array | None = None) -> jax.Array:
     """`key`: this layer's LoRA dropout key (None: none)."""
     x = checkpoint_name(x, "block_in")  # the layer input, for remat policies that offload it
-    mod = (e + self.modulation[...]).astype(x.dtype)  # [B, K, 6, D]: per example, tiny
-    shift1, scale1, gate1, shift2, scale2, gate2 = (ctx.to_tokens(mod[:, :, i]) for i in range(NUM_MODULATIONS))
+    mod = (e + self.modulation[...]).astype(x.dtype)  # [B, K, (F,) 6, D]: per example or frame, tiny
+    shift1, scale1, gate1, shift2, scale2, gate2 = (ctx.to_tokens(mod[..., i, :]) for i in range(NUM_MODULATIONS))
     k_attn, k_cross, k_fc1, k_fc2 = split_key(key, 4)
     x = x + gate1 * self.attn(modulate(layer_norm(x, self.eps), shift1, scale1), ctx.self_mask, ctx.rope, key=k_attn)
     if ctx.cond is not None:
@@ -150,7 +152,7 @@ class Block(nnx.Module):
 
 
 class DiT(nnx.Module):
-  """Packed-batch DiT: (noisy tokens, per-example time, batch) -> prediction [B, L, P]."""
+  """Packed-batch DiT: (noisy tokens, per-example or per-frame time, batch) -> prediction [B, L, P]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
     depth, width, heads = dimensions(cfg)
@@ -184,18 +186,20 @@ class DiT(nnx.Module):
 
   def __call__(self, tokens: jax.Array, time: jax.Array, packing: Packing, drop: jax.Array | None = None,
                key: jax.Array | None = None) -> jax.Array:
-    """tokens [B, L, P] noisy latents; time [B, K] model timesteps; packing: where the
-    tokens sit and their examples' conditions (never the clean tokens); drop [B, K]
-    bool: replace that example's label and caption by the null ones (CFG; a umT5
-    caption arrives already replaced, by the empty prompt's embedding); key: LoRA
-    dropout (training only)."""
-    seg = packing.segment_ids
+    """tokens [B, L, P] noisy latents; time [B, K] model timesteps per example, or
+    [B, K, F] per (example, patch frame) (`src.frames`: conditioning frames at time 0;
+    frames at or past F - 1 read slot F - 1); packing: where the tokens sit and their
+    examples' conditions (never the clean tokens); drop [B, K] bool: replace that
+    example's label and caption by the null ones (CFG; a umT5 caption arrives already
+    replaced, by the empty prompt's embedding); key: LoRA dropout (training only)."""
+    frame_ids = packing.positions[..., 0] if time.ndim == 3 else None
     k_time, k_proj, k_cond, k_blocks = split_key(key, 4)
-    c = self.embed_condition(time, packing.labels, drop, k_time)  # [B, K, D]
-    e = self.time_proj(jax.nn.silu(c), k_proj)  # [B, K, 6, D]
+    c = self.embed_condition(time, packing.labels, drop, k_time)  # [B, K, (F,) D]
+    e = self.time_proj(jax.nn.silu(c), k_proj)  # [B, K, (F,) 6, D]
     x = constrain(self.patch_embed(tokens), ("act_batch", "act_seq", "act_embed"))
-    x = self.apply_blocks(x, e, self.context(packing, drop, k_cond).replace(lora_key=k_blocks))
-    shift, scale = (gather_to_tokens(self.head_modulation[...][i] + c, seg) for i in range(2))  # [B, L, D]
+    ctx = self.context(packing, drop, k_cond).replace(lora_key=k_blocks, frame_ids=frame_ids)
+    x = self.apply_blocks(x, e, ctx)
+    shift, scale = (ctx.to_tokens(self.head_modulation[...][i] + c) for i in range(2))  # [B, L, D]
     x = modulate(layer_norm(x, self.cfg.norm_eps), shift.astype(x.dtype), scale.astype(x.dtype))
     return self.head(x).astype(jnp.float32)
 
@@ -204,7 +208,8 @@ class DiT(nnx.Module):
     c = self.time_out(jax.nn.silu(self.time_in(timestep_features(time, self.cfg.freq_dim), k_in)), k_out)  # [B, K, D]
     if self.cfg.num_classes:
       null = labels < 0 if drop is None else (labels < 0) | drop
-      c = c + self.class_embed(jnp.where(null, self.cfg.num_classes, labels))
+      label = self.class_embed(jnp.where(null, self.cfg.num_classes, labels))  # [B, K, D]
+      c = c + (label[:, :, None] if time.ndim == 3 else label)  # one label for all frames of an example
     return c
 
   def context(self, packing: Packing, drop: jax.Array | None, key: jax.Array | None = None) -> Context:

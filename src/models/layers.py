@@ -53,6 +53,21 @@ def gather_to_tokens(per_example: jax.Array, segment_ids: jax.Array) -> jax.Arra
   return jnp.einsum("blk,bk...->bl...", onehot, per_example, precision=jax.lax.Precision.HIGHEST)
 
 
+def gather_frames_to_tokens(per_frame: jax.Array, segment_ids: jax.Array, frame_ids: jax.Array) -> jax.Array:
+  """[B, K, F, ...] values per (example, frame) slot -> [B, L, ...] per token; `frame_ids`
+  [B, L] is each token's patch frame inside its example. Slots are numbered as segments
+  are (1 + (segment - 1) F + frame; 0 = padding), so F = 1 is `gather_to_tokens`."""
+  b, k, f = per_frame.shape[:3]
+  slots = jnp.where(segment_ids > 0, (segment_ids - 1) * f + jnp.clip(frame_ids, 0, f - 1) + 1, 0)
+  return gather_to_tokens(per_frame.reshape(b, k * f, *per_frame.shape[3:]), slots)
+
+
+def to_tokens(values: jax.Array, segment_ids: jax.Array, frame_ids: jax.Array | None = None) -> jax.Array:
+  """Per-example values [B, K, ...] (`frame_ids` None) or per-frame values [B, K, F, ...]
+  -> [B, L, ...] per token."""
+  return gather_to_tokens(values, segment_ids) if frame_ids is None else gather_frames_to_tokens(
+      values, segment_ids, frame_ids)
+
 class Dense(nnx.Module):
   """x [..., *in_shape] -> [..., *out_shape]: a tensordot over the trailing in-dims.
 

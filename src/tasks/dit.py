@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from src import objectives, wan
+from src import frames, objectives, wan
 from src.batch import ClipBatch, Packing, PackedBatch, captions_as_ids
 from src.captions import drop_captions, encode_captions, tokenizer_dir
 from src.config import ConfigError
@@ -19,6 +19,7 @@ from src.data.sources import clip_source
 from src.generate import Sampler, Spec
 from src.lora import LoRAParam
 from src.models.dit import DiT
+from src.models.layers import to_tokens
 from src.models.patch import patchify
 from src.models.vae import VideoVAE
 from src.pretrained import load_vae
@@ -41,7 +42,13 @@ class DiTTask(Task):
   def check(self) -> None:
     d = self.cfg.data
     check_text(self.cfg)
+    self._check_frames()
     self._check_latents(d.channels, (d.frames, d.height, d.width), (max(d.frame_counts or [d.frames]), d.area))
+
+  def _check_frames(self) -> None:
+    error = frames.check(self.cfg)
+    if error:
+      raise ConfigError(error + ".")
 
   def _check_latents(self, channels: int, grid, largest) -> None:
     """The latents the DiT gets: `channels` channels, a (t, h, w) `grid` for fixed
@@ -144,19 +151,32 @@ class DiTTask(Task):
     batch = self.to_tokens(batch, k_vae, frozen or {})
     x0, p = batch.tokens, batch.packing
     rows, slots = p.grid.shape[:2]
+    frame_ids = keep = None
     if level is None:
       t = objectives.sample_time(obj, k_time, (rows, slots), jnp.prod(p.grid, axis=-1))
+      if frames.per_frame(self.cfg.conditioning):  # t [B, K, F]; keep: False on the given frames
+        t, keep = frames.draw(self.cfg, jax.random.fold_in(k_time, 1), t, p.grid, self.frame_slots(),
+                              jnp.prod(p.grid, axis=-1))
+        frame_ids = p.positions[..., 0]
     else:
       t = objectives.fixed_time(obj, level, (rows, slots))
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-    x_t, target = objectives.noise_and_target(obj, x0, noise, t, p.segment_ids)
+    x_t, target = objectives.noise_and_target(obj, x0, noise, t, p.segment_ids, frame_ids)
+    if keep is not None:  # given frames at level 0 are exactly clean (diffusion's step 0 is not quite)
+      exact = ~to_tokens(keep, p.segment_ids, frame_ids) & (to_tokens(t, p.segment_ids, frame_ids) == 0)
+      x_t = jnp.where(exact[..., None], x0, x_t)
     drop = jax.random.uniform(k_drop, (rows, slots)) < (obj.cond_dropout if level is None else 0.0)
     if self.cfg.model.text_encoder == "umt5":  # a dropped caption is the empty prompt's, as in Wan
       p = p.replace(cond=drop_captions(p.cond, drop, frozen["null_text"]))
     # LoRA dropout (training only): a key of its own, so the other draws stay as they were.
     k_lora = jax.random.fold_in(rng, LORA_DROPOUT_STREAM) if level is None and self.cfg.lora.dropout > 0 else None
     pred = model(x_t, objectives.model_time(obj, t), p, drop, key=k_lora)
-    return objectives.masked_loss(obj, pred, target, p.segment_ids, objectives.loss_weight(obj, t))
+    return objectives.masked_loss(obj, pred, target, p.segment_ids, objectives.loss_weight(obj, t), frame_ids, keep)
+
+  def frame_slots(self) -> int:
+    """F: the most patch frames an example of the run has (the per-frame time table's width)."""
+    d = self.cfg.data
+    return self.latent_shape((max(d.frame_counts or [d.frames]), 1, 1))[0] // self.cfg.model.patch[0]
 
   def count_tokens(self, batch: PackedBatch) -> tuple[int, int]:
     seg = batch.packing.segment_ids
@@ -206,6 +226,7 @@ class PixelDiTTask(DiTTask):
   def check(self) -> None:
     d, v = self.cfg.data, self.cfg.vae
     check_text(self.cfg)
+    self._check_frames()
     if d.channels != v.in_channels:
       raise ConfigError(f"data.channels={d.channels} but vae.in_channels={v.in_channels}.")
     error = v.clip_error((d.frames, d.height, d.width))
