@@ -7,7 +7,7 @@ step in the same run. Commands and recorded numbers: docs/benchmarks.md.
 
   step     the real train step (src.state.jit_step) on a 1-device mesh: step time,
            tokens/s, achieved FLOP/s, MFU; --packed adds rows of 3 mixed-shape examples,
-           --unrolled the same step with the layers unrolled (paired ratios for both)
+           --unrolled with the layers unrolled, --per-frame packed with a time per frame (paired ratios)
   compile  trace and compile time of the train step against depth, scanned vs unrolled
   packing  benchmarks/packing.py: padding of the packed stream vs buckets
   data     clips/s of the grain pipeline (src.data.pipeline.make_iterator), synthetic source
@@ -34,7 +34,7 @@ from flax import nnx
 
 from src import config as config_lib
 from src import mesh as mesh_lib
-from src import optim
+from src import frames, optim
 from src.config import Config, MeshConfig
 from src.batch import PackedBatch
 from src.flops import example_tokens, train_flops
@@ -56,8 +56,9 @@ DEFAULT_REPEATS = {"step": 10, "compile": 1, "data": 3, "memory": 3}
 
 
 def bench_config(variant: str, batch: int, latent: Sequence[int], patch: int, scan: bool = True,
-                 depth: int | None = None, packed: bool = False) -> Config:
-  """Class-conditional DiT (1000 classes, no cross-attention) on [1, H, W, C] latents."""
+                 depth: int | None = None, packed: bool = False, per_frame: bool = False) -> Config:
+  """Class-conditional DiT (1000 classes, no cross-attention) on [1, H, W, C] latents; `per_frame`: packed, every
+  conditioning mode in the mix (a time per frame, F = 4 slots: the longest packed shape's frames)."""
   h, w, c = latent
   overrides = [
       f"model.variant={variant}", f"model.num_classes={NUM_CLASSES}", "model.cond_dim=0",
@@ -67,8 +68,10 @@ def bench_config(variant: str, batch: int, latent: Sequence[int], patch: int, sc
   ]
   if depth is not None:
     overrides.append(f"model.depth={depth}")
-  if packed:
+  if packed or per_frame:
     overrides += [f"data.seq_len={h * w // patch**2}", f"data.max_segments={len(packed_shapes(latent, patch))}"]
+  if per_frame:
+    overrides += ["data.frame_counts=[4]"] + [f"conditioning.{m}=1" for m in frames.MODES[1:]]
   return config_lib.load(None, overrides)
 
 
@@ -228,14 +231,13 @@ def step_record(name: str, cfg: Config, batch: PackedBatch, seconds: list[float]
 
 def bench_step(args) -> list[dict]:
   """The train step, unpacked (and packed with --packed), interleaved with the peak matmul."""
-  cases = {"unpacked": (False, args.scan)}
-  if args.packed:
-    cases["packed"] = (True, args.scan)
-  if args.unrolled:
-    cases["unrolled"] = (False, False)
+  wanted = dict(unpacked=True, packed=args.packed or args.per_frame, unrolled=args.unrolled, per_frame=args.per_frame)
+  cases = {name: (name != "unpacked" and name != "unrolled", args.scan and name != "unrolled")  # (packed, scan)
+           for name, on in wanted.items() if on}
   runners, batches, cfgs = {}, {}, {}
   for name, (packed, scan) in cases.items():
-    cfgs[name] = bench_config(args.variant, args.batch, args.latent, args.patch, scan, args.depth, packed)
+    cfgs[name] = bench_config(args.variant, args.batch, args.latent, args.patch, scan, args.depth, packed,
+                              per_frame=name == "per_frame")
     batches[name] = make_batch(cfgs[name], packed)
     runners[name] = StepRunner(cfgs[name], batches[name]).warm_up()
     log.info("%s: traced in %.1fs, compiled in %.1fs", name, runners[name].trace_s, runners[name].compile_s)
@@ -243,12 +245,12 @@ def bench_step(args) -> list[dict]:
   records = [emit(step_record(n, cfgs[n], batches[n], times[n], peak, runners[n].num_params), args.out)
              for n in cases]
   by_case = dict(zip(cases, records))
-  for other in ("packed", "unrolled"):  # paired per round: the steps ran next to each other
-    if other in cases:
-      ratios = [a / b for a, b in zip(times[other], times["unpacked"])]
-      records.append(emit(dict(bench=f"step_{other}_vs_unpacked", variant=args.variant, scan=args.scan,
+  for other, base in (("packed", "unpacked"), ("unrolled", "unpacked"), ("per_frame", "packed")):
+    if other in cases:  # paired per round: the steps ran next to each other
+      ratios = [a / b for a, b in zip(times[other], times[base])]
+      records.append(emit(dict(bench=f"step_{other}_vs_{base}", variant=args.variant, scan=args.scan,
                                time_ratio=round(statistics.median(ratios), 4),
-                               mfu_ratio=round(by_case[other]["mfu"] / by_case["unpacked"]["mfu"], 4), **host()),
+                               mfu_ratio=round(by_case[other]["mfu"] / by_case[base]["mfu"], 4), **host()),
                           args.out))
   return records
 
@@ -361,8 +363,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   common.add_argument("--latent", type=int, nargs=3, default=[32, 32, 4], metavar=("H", "W", "C"))
   common.add_argument("--patch", type=int, default=2, help="spatial patch (1 x p x p)")
   common.add_argument("--packed", action="store_true", help="also rows of 3 mixed-shape examples")
-  common.add_argument("--unrolled", action="store_true",
-                      help="step: also the unpacked step with the layers unrolled (scan vs loop, paired)")
+  common.add_argument("--per-frame", action="store_true", help="step: also packed rows with a time per frame")
+  common.add_argument("--unrolled", action="store_true", help="step: also the unpacked step with layers unrolled")
   common.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="model.scan_layers")
   common.add_argument("--repeats", type=int, help=f"timed repeats (defaults: {DEFAULT_REPEATS})")
   common.add_argument("--out", help="append the JSON lines to this file too")

@@ -77,14 +77,16 @@ def test_step_cli_prints_json_with_mfu(tmp_path):
   out = tmp_path / "bench.jsonl"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "src.bench", "step", "--variant", "tiny", "--repeats", "2",
-                         "--packed", "--unrolled", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                         "--packed", "--unrolled", "--per-frame", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
   assert [r.get("case", r["bench"]) for r in records] == [
-      "unpacked", "packed", "unrolled", "step_packed_vs_unpacked", "step_unrolled_vs_unpacked"]
-  assert [r["scan"] for r in records[:3]] == [True, True, False] and records[1]["examples"] == 24
-  assert all(r["time_ratio"] > 0 for r in records[3:])
+      "unpacked", "packed", "unrolled", "per_frame", "step_packed_vs_unpacked", "step_unrolled_vs_unpacked",
+      "step_per_frame_vs_packed"]
+  assert [r["scan"] for r in records[:4]] == [True, True, False, True] and records[1]["examples"] == 24
+  assert records[3]["examples"] == 24 and records[3]["flops_per_step"] == records[1]["flops_per_step"]
+  assert all(r["time_ratio"] > 0 for r in records[4:])
   r = records[0]
   assert 0 < r["mfu"] <= 1 and r["repeats"] == 2 and r["tokens_per_s"] > 0
   assert r["flops_per_step"] == flops.train_flops(bench.bench_config("tiny", 8, (32, 32, 4), 2).model, [256] * 8)
