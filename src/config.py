@@ -294,6 +294,7 @@ class TrainConfig:
   keep_checkpoints: int = 3
   max_bad_steps: int = 10  # non-finite steps in a row (each skipped) before the run stops with exit 1
   async_checkpoint: bool = True
+  compile_cache: str = "auto"  # persistent XLA cache dir: auto = {workdir}/compile_cache off CPU, "" = off
   tensorboard: bool = True
   # Samples during training (0: never): PNG grid + GIFs under {workdir}/samples/ and
   # TensorBoard, from the EMA weights, for the first sample_count held-out examples.
@@ -301,8 +302,7 @@ class TrainConfig:
   sample_count: int = 4
   sample_steps: int = 25
   sample_guidance: float = 4.0
-  # Validation loss at fixed timesteps on held-out batches (SD3-style; 0: never).
-  eval_every: int = 0
+  eval_every: int = 0  # validation loss at fixed timesteps on held-out batches (SD3-style; 0: never)
   eval_batches: int = 2
   eval_times: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # fractions of the noise range
 

@@ -170,3 +170,29 @@ class Saver:
       log.warning("interrupted: saved step %d", int(state.step))
     except Exception:  # noqa: BLE001 - e.g. interrupted inside the step, its inputs donated
       log.error("interrupted inside a step: the newest checkpoint is the last periodic one")
+
+
+CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+cache_counts = {"hits": 0, "misses": 0}  # persistent compilation cache look-ups in this process
+_listening = False
+
+
+def use_compile_cache(setting: str, workdir) -> str:
+  """Point JAX's persistent compilation cache at `train.compile_cache` (auto: the run
+  directory's compile_cache/, except on CPU) and count its hits and misses; returns the
+  directory ("" when off)."""
+  global _listening
+  from jax.experimental.compilation_cache import compilation_cache
+
+  path = setting if setting != "auto" else ("" if jax.default_backend() == "cpu" else str(workdir / "compile_cache"))
+  if not path:
+    return ""
+  if jax.config.jax_compilation_cache_dir != path:
+    compilation_cache.reset_cache()  # a process trains several runs (tests): the cache follows the run
+    compilation_cache.set_cache_dir(path)
+  if not _listening:
+    jax.monitoring.register_event_listener(
+        lambda event, **_: cache_counts.__setitem__(CACHE_EVENTS[event], cache_counts[CACHE_EVENTS[event]] + 1)
+        if event in CACHE_EVENTS else None)
+    _listening = True
+  return path

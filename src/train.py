@@ -53,7 +53,8 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   frozen = task.load_frozen(mesh, rules)
   graphdef, state = restore_or_init(task, mesh, rules, optimizer, ckpt, data, frozen)
   check_writable(workdir, sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count())
-  step_fn = timed_compile(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
+  cache = hooks.use_compile_cache(cfg.train.compile_cache, workdir)
+  step_fn = timed_compile(cache, task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   start, t = int(state.step), cfg.train
   writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start), hooks.StepMeter()
   evaluator = hooks.Evaluator(task, mesh, rules, graphdef, frozen) if t.eval_every else None
@@ -125,10 +126,13 @@ def restore_or_init(task, mesh, rules, optimizer, ckpt: Checkpointer, data, froz
   return graphdef, state
 
 
-def timed_compile(*args):
-  tic = time.perf_counter()
+def timed_compile(cache: str, *args):
+  """`compile_step`, timed and, with a persistent compilation cache, whether it came from it."""
+  tic, before = time.perf_counter(), dict(hooks.cache_counts)
   step_fn = compile_step(*args)
-  log.info("compiled the train step in %.1f s", time.perf_counter() - tic)
+  hits, misses = (hooks.cache_counts[k] - before[k] for k in ("hits", "misses"))
+  how = f" (compilation cache {cache}: {'hit, nothing compiled' if hits and not misses else 'miss'})" if cache else ""
+  log.info("compiled the train step in %.1f s%s", time.perf_counter() - tic, how)
   return step_fn
 
 

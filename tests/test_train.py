@@ -228,3 +228,25 @@ def test_a_bad_learning_rate_stops_the_run_and_keeps_checkpoints_finite(tmp_path
   assert "non-finite" in capsys.readouterr().err
   steps = _all_checkpoints_finite(tmp_path)
   assert len(steps) == 3 and max(steps) < 40  # it stopped early; what is on disk is finite
+
+
+def test_a_restart_loads_the_step_from_the_compilation_cache(tmp_path):
+  """With train.compile_cache, the second start of a run (a time-sliced job resuming)
+  finds its step in the persistent cache and compiles nothing for it."""
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  cache = tmp_path / "cache"
+  argv = [sys.executable, "-m", "src.train", *TINY, f"workdir={tmp_path / 'run'}", "train.steps=4",
+          "train.run_steps=2", "train.ckpt_every=2", f"train.compile_cache={cache}"]
+  logs = []
+  for _ in range(2):
+    r = subprocess.run(argv, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs.append(next(line for line in r.stderr.splitlines() if "compiled the train step" in line))
+  assert f"compilation cache {cache}: miss" in logs[0], logs
+  assert f"compilation cache {cache}: hit, nothing compiled" in logs[1], logs
+  assert any(cache.iterdir())
+  steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert steps[-1] == 4
