@@ -62,12 +62,21 @@ def load_base(workdir: str | Path, task: Task) -> nnx.State:
   """A LoRA run's frozen base on this host's devices, checked against the fingerprint
   its checkpoint saved (the adapters are meaningless on another base)."""
   mesh, rules = mesh_lib.make_mesh(task.cfg.mesh), mesh_lib.make_rules()
-  base = task.base(mesh, rules)
+  return check_base(workdir, task, task.base(mesh, rules))
+
+
+def check_base(workdir: str | Path, task: Task, base: nnx.State) -> nnx.State:
+  """`base`, once it is checked to be the one the run's adapters were trained on."""
+  mesh = mesh_lib.make_mesh(task.cfg.mesh)
   ckpt = Checkpointer(workdir)
   try:
     like = jax.ShapeDtypeStruct((len(jax.tree.leaves(base)), 2), jnp.float32, sharding=mesh_lib.replicated(mesh))
     saved = ckpt.restore_part("base_fingerprint", like)
   finally:
     ckpt.close()
-  check_fingerprint(saved, fingerprint_of({"base": base}), task.cfg.model.init_from or f"random, seed {task.cfg.seed}")
+  # Jitted under the mesh, as the trainer takes it: the eager reductions over these sharded arrays aborted the
+  # process in XLA:CPU (a second base loaded in one process; not understood, docs/reliability.md).
+  with jax.set_mesh(mesh):
+    current = jax.jit(fingerprint_of)({"base": base})
+  check_fingerprint(saved, current, task.cfg.model.init_from or f"random, seed {task.cfg.seed}")
   return base

@@ -34,7 +34,7 @@ from src.checkpoint import CheckpointNotFoundError
 from src.data import video as video_lib
 from src.data.video import BadInput
 from src.generate import Spec, generate
-from src.runs import load_task_run
+from src.runs import check_base, load_task_run
 from src.tasks import DiTTask
 
 log = logging.getLogger("src.sample")
@@ -104,7 +104,13 @@ def main(argv=None) -> int:
     print(f"error: {args.workdir} trained a {type(task).__name__}, not a DiT: nothing to sample", file=sys.stderr)
     return 2
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  frozen = task.sampling_frozen(mesh, mesh_lib.make_rules())  # the VAE, the text encoder
+  frozen = task.sampling_frozen(mesh, mesh_lib.make_rules())  # the VAE, the text encoder, a LoRA run's base
+  try:
+    if task.trains_adapters:  # the adapters mean something only on the base they were trained on
+      check_base(args.workdir, task, frozen["base"])
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   # The run's data sizes: pixels for a DiT that encoded pixels in the step, else latents.
   shape = task.latent_shape((args.frames or cfg.data.frames, args.height or cfg.data.height,
                              args.width or cfg.data.width))

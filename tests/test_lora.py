@@ -165,3 +165,25 @@ def test_dropout_acts_in_training_only():
   dropped = [np.asarray(model(batch.tokens, t, batch.packing, key=jax.random.key(k))) for k in (0, 1)]
   assert np.abs(dropped[0] - plain).max() > 1e-3 and np.abs(dropped[0] - dropped[1]).max() > 1e-3
   np.testing.assert_array_equal(np.asarray(model(batch.tokens, t, batch.packing)), plain)  # no key: no dropout
+
+
+@pytest.mark.slow
+def test_sampling_a_lora_run_checks_its_base(tiny_wan, tmp_path, capsys):
+  """`src.sample --workdir` of a LoRA run refuses a base whose weights changed since training."""
+  import shutil
+
+  from safetensors.numpy import load_file, save_file
+
+  from src import sample
+
+  root = tmp_path / "wan"
+  shutil.copytree(tiny_wan[0], root)
+  train(_cfg(tmp_path / "run", root, "train.steps=2", "train.ckpt_every=2"))
+  argv = ["--workdir", str(tmp_path / "run"), "--num", "1", "--steps", "2", "--cfg", "1", "--prompt", "x",
+          "--out", str(tmp_path / "s.png")]
+  assert sample.main(argv) == 0
+  for shard in sorted((root / "transformer").glob("*.safetensors")):  # the base on disk is replaced
+    save_file({k: v + np.float32(0.01) for k, v in load_file(shard).items()}, shard)
+  capsys.readouterr()
+  assert sample.main(argv) == 2
+  assert "not the base this run's adapters were trained on" in capsys.readouterr().err
