@@ -117,7 +117,12 @@ def topology_devices(topo: Topology, slices: int = 1) -> list:
     kwargs["num_slices"] = slices
   if len(topo.shape) == 3 and topo.chips >= TORUS_MIN_CHIPS:
     kwargs["wrap"] = tuple(s >= 4 for s in topo.shape)
-  return topologies.get_topology_desc(topo.name, "tpu", **kwargs).devices
+  if len(topo.shape) == 2 and topo.chips < 4:  # v5e-1, v6e-1, v6e-2: smaller than libtpu's default 2x2 host
+    kwargs["chips_per_host_bounds"] = (*topo.shape, 1)
+  try:
+    return topologies.get_topology_desc(topo.name, "tpu", **kwargs).devices
+  except jax.errors.JaxRuntimeError as e:
+    raise AotError(f"libtpu cannot build the topology {topo.name}: {str(e).splitlines()[0]}") from None
 
 
 def batch_shapes(batch) -> dict[str, list[int]]:

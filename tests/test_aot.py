@@ -105,6 +105,13 @@ def test_compiles_a_tiny_model_for_v5e_8():
 
 
 @needs_libtpu
+@pytest.mark.parametrize("name", ["v6e-1", "v5e-1", "v6e-2"])
+def test_single_chip_slices_have_their_devices(name):
+  devices = aot.topology_devices(aot.parse_topology(name))
+  assert len(devices) == aot.parse_topology(name).chips
+
+
+@needs_libtpu
 def test_compiles_over_two_slices():
   result = run_aot("--topology", "v5e-4", "--slices", "2", *TINY, "mesh.data=2", "model.attention=xla")
   assert result.returncode == 0, result.stderr[-3000:]
