@@ -54,7 +54,7 @@ def check(cfg: Config) -> str:
   return ""
 
 
-def given_frames(cfg: ConditioningConfig, key: jax.Array, frames: jax.Array, slots: int) -> jax.Array:
+def given_frames(cfg: ConditioningConfig, key: jax.Array, frames: jax.Array, slots: int) -> tuple[jax.Array, jax.Array]:
   """(given [B, K, F] bool: the frames each example is given clean, mode [B, K]: the
   drawn `MODES` index); `frames` [B, K] is each example's patch-frame count."""
   k_mode, k_len = jax.random.split(key)
