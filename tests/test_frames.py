@@ -271,6 +271,7 @@ def test_image_video_and_keyframes_from_the_command_line(tmp_path):
   from an image, a video prefix and two keyframes; the video begins with the image."""
   import argparse
 
+  pytest.importorskip("av")  # the video prefix is an mp4 (the `video` extra)
   from src import media, sample
   from src import mesh as M
   from src.runs import load_task_run
