@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,11 +34,47 @@ def due(done: int, every: int, last: int) -> bool:
   return bool(every) and (done % every == 0 or done == last)
 
 
+def duration(seconds: float) -> str:
+  """3h05m, 4m10s, 12s: an ETA at the precision it has."""
+  s = int(round(seconds))
+  return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class Progress:
+  """Step `done`/`total`, steps/s and ETA: in every train log line, and on a terminal a
+  status line redrawn at most twice a second (cleared before each log line)."""
+
+  def __init__(self, start: int, total: int, stream=None):
+    self.start, self.total, self.stream = start, total, stream or sys.stderr
+    self.primary = jax.process_index() == 0
+    self.tty = self.primary and hasattr(self.stream, "isatty") and self.stream.isatty()
+    self.tic, self.drawn, self.shown = time.perf_counter(), 0.0, False
+
+  def status(self, done: int, rate: float | None = None) -> str:
+    rate = rate or (done - self.start) / max(time.perf_counter() - self.tic, 1e-9)
+    eta = duration((self.total - done) / rate) if rate > 0 else "?"
+    return f"{done}/{self.total} ({100 * done / max(self.total, 1):.0f}%)  {rate:.3g} steps/s  ETA {eta}"
+
+  def tick(self, done: int) -> None:
+    now = time.perf_counter()
+    if self.tty and (now - self.drawn > 0.5 or done == self.total):
+      bar = "#" * int(24 * done / max(self.total, 1))
+      self.stream.write(f"\r\033[K[{bar:<24}] {self.status(done)}")
+      self.stream.flush()
+      self.drawn, self.shown = now, True
+
+  def clear(self) -> None:
+    if self.shown:
+      self.stream.write("\r\033[K")
+      self.stream.flush()
+      self.shown = False
+
+
 class MetricsWriter:
   """Console, `metrics.jsonl` and TensorBoard; only process 0 writes files."""
 
-  def __init__(self, workdir, tensorboard: bool, first_step: int = 0):
-    self.primary = jax.process_index() == 0
+  def __init__(self, workdir, tensorboard: bool, first_step: int = 0, progress: Progress | None = None):
+    self.primary, self.progress = jax.process_index() == 0, progress
     self.jsonl = storage.JsonLines(workdir, first_step) if self.primary else None
     self.tb = None
     if tensorboard and self.primary:
@@ -46,7 +83,12 @@ class MetricsWriter:
       self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
   def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
-    log.info("%s step %d  %s", prefix, step, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    where = str(step)
+    if self.progress:
+      self.progress.clear()
+      if prefix == "train":
+        where = self.progress.status(step, metrics.get("steps_per_s"))
+    log.info("%s step %s  %s", prefix, where, "  ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     if not self.primary:
       return
     record = metrics if prefix == "train" else {f"{prefix}/{k}": v for k, v in metrics.items()}
@@ -55,19 +97,20 @@ class MetricsWriter:
       for k, v in metrics.items():
         self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
-  def write_samples(self, step: int, workdir, videos: list) -> None:
+  def write_samples(self, step: int, workdir, videos: list, weights: str = "ema") -> None:
+    """`samples/step_NNNNNNN-{weights}.png` (the grid) and one GIF per sample: the name says which weights."""
     if not self.primary:
       return
-    out = workdir / "samples"
+    out, name = workdir / "samples", f"step_{step:07d}-{weights}"
     image = media.grid(videos, scale=4)
     with tempfile.TemporaryDirectory() as tmp:  # image writers want local files
-      media.write_png(Path(tmp) / f"step_{step:07d}.png", image)
+      media.write_png(Path(tmp) / f"{name}.png", image)
       for i, video in enumerate(videos):
-        media.write_video(Path(tmp) / f"step_{step:07d}-{i}.gif", video, scale=4)
+        media.write_video(Path(tmp) / f"{name}-{i}.gif", video, scale=4)
       storage.copy_tree(tmp, out)
     if self.tb:
-      self.tb.add_image("samples", image, step, dataformats="HWC")
-    log.info("samples: wrote %s", out / f"step_{step:07d}.png")
+      self.tb.add_image(f"samples/{weights}", image, step, dataformats="HWC")
+    log.info("samples (%s weights): wrote %s", weights.upper() if weights == "ema" else weights, out / f"{name}.png")
 
   def close(self, strict: bool = True) -> None:
     """Flush and close; `strict=False` (the run is already failing, e.g. a full disk)

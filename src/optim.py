@@ -4,6 +4,7 @@ clipping, and an exponential moving average of the parameters."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -57,7 +58,18 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
   return optimizer, schedule
 
 
-def update_ema(ema, params, decay: float):
+def ema_decay_at(count, decay: float, warmup: bool):
+  """The decay of the EMA update after optimizer update `count` (0 first): `decay`, or
+  with warm-up min(decay, (1 + count) / (10 + count)) (the usual schedule: 0.1 at the
+  first update, 0.5 at the 8th, 0.99 near the 900th), so the average of a short run is
+  not still mostly its random init: 0.9999 alone needs ~10k steps to forget it."""
+  if not warmup:
+    return decay
+  count = jnp.asarray(count, jnp.float32)
+  return jnp.minimum(decay, (1.0 + count) / (10.0 + count))
+
+
+def update_ema(ema, params, decay):
   """One EMA step, e <- e + (1 - decay)(p - e): `decay` is the weight kept on the old
   average, so the EMA forgets with a time constant of about 1 / (1 - decay) steps."""
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema, params)

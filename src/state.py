@@ -129,14 +129,14 @@ def abstract_state(task, mesh, rules, optimizer) -> tuple[nnx.GraphDef, TrainSta
 
 
 def train_step(state: TrainState, batch, frozen: dict | None, *, graphdef, task, optimizer, schedule,
-               ema_decay: float):
+               ema_decay: float, ema_warmup: bool = False):
   rng = jax.random.fold_in(state.rng, state.step)
   loss_fn = lambda params: task.loss(merged(graphdef, params, frozen), batch, rng, frozen)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = optim.update_ema(state.ema, params, ema_decay)
+  ema = optim.update_ema(state.ema, params, optim.ema_decay_at(state.step, ema_decay, ema_warmup))
   # A step whose loss or gradients are not finite changes nothing but the step count and
   # the count of such steps in a row: the state (and so every checkpoint) stays finite.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -155,7 +155,7 @@ def jit_step(task, mesh, rules, graphdef, state: TrainState, optimizer, schedule
   the task gave them (a VAE replicated, a text encoder sharded), the metrics are
   replicated."""
   step_fn = functools.partial(train_step, graphdef=graphdef, task=task, optimizer=optimizer, schedule=schedule,
-                              ema_decay=task.cfg.optim.ema_decay)
+                              ema_decay=task.cfg.optim.ema_decay, ema_warmup=task.cfg.optim.ema_warmup)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   batch_shardings = mesh_lib.batch_shardings(mesh, task.batch_shapes(), rules)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)

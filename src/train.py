@@ -56,7 +56,8 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   cache = hooks.use_compile_cache(cfg.train.compile_cache, workdir)
   step_fn = timed_compile(cache, task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   start, t = int(state.step), cfg.train
-  writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start), hooks.StepMeter()
+  progress = hooks.Progress(start, t.steps)
+  writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start, progress), hooks.StepMeter()
   evaluator = hooks.Evaluator(task, mesh, rules, graphdef, frozen) if t.eval_every else None
   sampler = task.make_sampler(graphdef, frozen, t.sample_count) if t.sample_every else None
   saver, last = hooks.Saver(ckpt, data, config_lib.to_dict(cfg), t, start), {}
@@ -68,6 +69,7 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
         meter.add(task.count_tokens(local))
         state, metrics = step_fn(state, mesh_lib.place_batch(mesh, local, rules), frozen)
         done = step + 1
+        progress.tick(done)
         if hooks.due(done, t.log_every, t.steps):
           last = log_metrics(writer, done, metrics, meter, data)
         if hooks.due(done, min(t.log_every, t.max_bad_steps), t.steps):
@@ -75,7 +77,8 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
         if evaluator and hooks.due(done, t.eval_every, t.steps):
           writer.write(done, evaluator(state.params), prefix="val")
         if sampler and hooks.due(done, t.sample_every, t.steps):
-          writer.write_samples(done, workdir, sampler(state.ema, seed=cfg.seed))
+          weights = state.ema if t.sample_weights == "ema" else state.params
+          writer.write_samples(done, workdir, sampler(weights, seed=cfg.seed), t.sample_weights)
         if saver(done, state):
           break
     finished = True
@@ -166,12 +169,16 @@ def log_metrics(writer: hooks.MetricsWriter, done: int, metrics: dict, meter: ho
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = argparse.ArgumentParser(
       prog="python -m src.train",
-      description="Train a spacetime DiT. Settings come from the dataclass defaults in "
-      "src/config.py, then the YAML file, then key.sub=value overrides. Re-running with the "
-      "same workdir resumes from its newest checkpoint.",
+      description="Train a spacetime DiT (task=dit) or its video VAE (task=vae). Settings come from the "
+      "dataclass defaults in src/schema.py, then the YAML file, then key.sub=value overrides; --help-config "
+      "lists every key. Re-running with the same workdir resumes from its newest checkpoint.",
       epilog="example: python -m src.train --config configs/smoke.yaml train.steps=500 mesh.fsdp=-1",
   )
   parser.add_argument("--config", help="YAML preset (only the keys that differ from the defaults)")
+  parser.add_argument("--help-config", action="store_true",
+                      help="list every config key with its type, default and meaning, and exit")
+  parser.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (defaults <- --config <- overrides) as YAML, and exit")
   parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
   return parser.parse_args(argv)
 
@@ -180,11 +187,17 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
   logging.getLogger("src").setLevel(logging.INFO)
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.help_config:
+    print("\n".join(config_lib.describe()))
+    return 0
   try:
     cfg = config_lib.load(args.config, args.overrides)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  if args.print_config:
+    print(config_lib.to_yaml(cfg), end="")
+    return 0
   try:
     train(cfg)
   except (ValueError, FileNotFoundError) as e:  # bad mesh, data or weights: say it, no traceback

@@ -137,7 +137,8 @@ def check_resume(new: dict, saved: dict, source: str) -> None:
   if differ:
     raise ConfigError(f"{source}: this run was trained with another config; resuming would continue a different "
                       "run. Differing keys:\n  " + "\n  ".join(differ)
-                      + "\nUse the saved values, or a new workdir.")
+                      + "\nUse the saved values, or a new workdir (model.init_from starts a new run from pretrained "
+                      "Wan weights; `src.convert export` turns this run's into such weights).")
   changed = [k for k in SCHEDULE if a.get(k) != b.get(k)]
   if changed:
     log.warning("resuming with a changed learning-rate schedule (%s): the steps already run followed the old one",

@@ -158,7 +158,7 @@ def test_the_umt5_preset_trains_and_samples_end_to_end(tiny_umt5, tmp_path):
   losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line and "val/" not in line]
   assert np.isfinite(metrics["loss"]) and losses[-1] < losses[0]
-  assert (tmp_path / "samples" / "step_0000020.png").is_file()
+  assert (tmp_path / "samples" / "step_0000020-ema.png").is_file()
   out = tmp_path / "cli" / "u.gif"
   r = subprocess.run([sys.executable, "-m", "src.sample", "--workdir", str(tmp_path), "--label", "1", "--prompt",
                       "a red disc moving left", "--negative-prompt", "two blue squares", "--num", "1", "--steps", "2",

@@ -124,3 +124,31 @@ def test_a_yaml_syntax_error_says_file_line_and_column(tmp_path, capsys):
   assert main(["--config", str(f)]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and f"{f}:" in err and "YAML syntax error" in err, err
+
+
+def test_help_config_lists_every_key_with_its_type_default_and_meaning(capsys):
+  from src import train
+
+  assert train.main(["--help-config"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  leaves = {line.split()[0]: line for line in lines if line.startswith("  ")}
+  sections = {line.split(":")[0] for line in lines if line and not line.startswith(" ")}
+  assert set(leaves) | sections == set(C.valid_keys())
+  for key, line in leaves.items():
+    meaning = line.split("): ", 1)[1]
+    assert len(meaning) > 8, f"{key} has no meaning in src/schema.py: {line}"
+  assert leaves["train.steps"].startswith("  train.steps (int, default 1000): total steps")
+  assert "(flow|diffusion, default flow)" in leaves["objective.kind"]
+  assert "(int or null, default null)" in leaves["model.depth"]
+
+
+def test_print_config_prints_the_resolved_config_and_exits(capsys, tmp_path):
+  from src import train
+
+  assert train.main(["--config", str(ROOT / "configs/smoke.yaml"), "--print-config", "train.steps=7",
+                     f"workdir={tmp_path}/never"]) == 0
+  out = capsys.readouterr().out
+  (tmp_path / "printed.yaml").write_text(out)
+  assert C.load(tmp_path / "printed.yaml") == C.load(ROOT / "configs/smoke.yaml", ["train.steps=7",
+                                                                                  f"workdir={tmp_path}/never"])
+  assert not (tmp_path / "never").exists()

@@ -97,7 +97,7 @@ def test_train_resume_and_sample_on_gcs(fake_gcs):
   train(C.load(None, TINY + ["train.steps=4"]))
   run = epath.Path(RUN)
   assert "model:" in (run / "config.yaml").read_text()
-  assert (run / "samples" / "step_0000004.png").exists()
+  assert (run / "samples" / "step_0000004-ema.png").exists()
   assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
   assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
 

@@ -163,7 +163,7 @@ def test_sigterm_stops_both_hosts_at_one_step_and_resumes_exactly(tmp_path, stra
                     f"mesh.coordinator_address=localhost:{port}", "mesh.num_processes=2", f"mesh.process_id={i}"],
                    devices=2, log=logs[i]) for i in range(2)]
     deadline = time.time() + TIMEOUT
-    while "train step 2 " not in logs[0].read_text() and time.time() < deadline and procs[0].poll() is None:
+    while "train step 2/" not in logs[0].read_text() and time.time() < deadline and procs[0].poll() is None:
       time.sleep(0.2)
     t0 = time.time()
     for at, i in sorted((rng.uniform(0.0, 1.0), i) for i in signalled):

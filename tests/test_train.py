@@ -1,6 +1,8 @@
 """The training loop: first step, 8 devices == 1 device, exact resume, learning."""
 
+import io
 import json
+import re
 
 import jax
 import numpy as np
@@ -247,6 +249,28 @@ def test_a_restart_loads_the_step_from_the_compilation_cache(tmp_path):
     logs.append(next(line for line in r.stderr.splitlines() if "compiled the train step" in line))
   assert f"compilation cache {cache}: miss" in logs[0], logs
   assert f"compilation cache {cache}: hit, nothing compiled" in logs[1], logs
+  assert re.search(r"train step 4/4 \(100%\)  [0-9.]+ steps/s  ETA 0s  ", r.stderr), r.stderr  # progress
   assert any(cache.iterdir())
   steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert steps[-1] == 4
+
+
+def test_progress_shows_step_of_total_rate_and_eta():
+  from src import hooks
+
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+
+  assert hooks.Progress(0, 10).status(4, rate=2.0) == "4/10 (40%)  2 steps/s  ETA 3s"
+  assert hooks.Progress(100, 9100).status(100, rate=2.0) == "100/9100 (1%)  2 steps/s  ETA 1h15m"
+  assert [hooks.duration(s) for s in (59.4, 250, 3600)] == ["59s", "4m10s", "1h00m"]
+  term = Terminal()
+  bar = hooks.Progress(0, 10, term)
+  bar.tick(5)
+  assert term.getvalue().startswith("\r\033[K[############            ] 5/10 (50%)") and "ETA" in term.getvalue()
+  bar.clear()
+  assert term.getvalue().endswith("\r\033[K")
+  piped = io.StringIO()
+  hooks.Progress(0, 10, piped).tick(10)  # not a terminal: the log lines carry the progress, nothing is drawn
+  assert piped.getvalue() == ""
