@@ -5,6 +5,7 @@ PyTorch at run time.
     python -m src.convert wan --src DIR --dst DIR
     python -m src.convert export --workdir RUN [--ema] --dst DIR
     python -m src.convert export --workdir LORA_RUN [--ema] --lora-only --dst FILE.safetensors
+    python -m src.convert export --workdir VAE_RUN [--ema] --dst DIR
 
 `vae` reads a diffusers `AutoencoderKLWan` directory (`config.json` +
 `diffusion_pytorch_model.safetensors`, e.g. the `vae/` folder of
@@ -15,7 +16,8 @@ directory (the `transformer/` folder, sharded safetensors + index): an Orbax cop
 checkpoint (raw or EMA weights) as a diffusers `transformer/` directory that
 `WanTransformer3DModel.from_pretrained` loads; of a LoRA run, the adapters as the LoRA
 file diffusers' Wan pipelines load (`load_lora_weights`), or merged into the base
-(`--merge`). Every tensor must be used exactly once
+(`--merge`); of a `task=vae` run, a diffusers `AutoencoderKLWan` directory (which
+`vae.checkpoint` reads too). Every tensor must be used exactly once
 with the expected shape; anything else is an error naming it.
 
 For parity checks in a few lines:
@@ -40,7 +42,7 @@ from flax import nnx
 
 from src import wan, wan_lora
 from src.checkpoint import CheckpointNotFoundError
-from src.pretrained import load_pretrained_vae, save_vae
+from src.pretrained import export_diffusers_vae, load_pretrained_vae, save_vae
 from src import lora as lora_lib
 from src.runs import load_base, load_task_run
 from src.wan import load_pretrained_wan, wan_forward  # noqa: F401 (the parity API above)
@@ -73,6 +75,10 @@ def export_run(workdir: str | Path, dst: str | Path, use_ema: bool = False, dtyp
   base and exported whole (`merge`)."""
   cfg, task, _, params = load_task_run(workdir, use_ema=use_ema)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
+  if cfg.task == "vae":  # a trained VAE: a diffusers AutoencoderKLWan, which vae.checkpoint also reads
+    if lora_only or merge:
+      raise ValueError(f"{workdir} is a task=vae run: export it without --lora-only / --merge")
+    return export_diffusers_vae(params, cfg.vae, dst, dtype=np_dtype)
   if not task.trains_adapters:
     if lora_only or merge:
       raise ValueError(f"{workdir} is not a LoRA run (lora.rank=0): export it without --lora-only / --merge")
@@ -106,10 +112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dst", required=True, help="output Orbax directory")
     p.add_argument("--overwrite", action="store_true", help="replace --dst if it exists")
   export = sub.add_parser(
-      "export", help="a run's DiT -> diffusers WanTransformer3DModel directory",
+      "export", help="a run's DiT -> diffusers WanTransformer3DModel directory (a VAE run: AutoencoderKLWan)",
       description="Write the newest checkpoint of a run (a Wan-sized DiT) as a diffusers transformer/ "
       "directory: config.json and safetensors shards with their index, loadable by "
-      "WanTransformer3DModel.from_pretrained (and so by WanPipeline and ComfyUI's diffusers loader).")
+      "WanTransformer3DModel.from_pretrained (and so by WanPipeline and ComfyUI's diffusers loader). "
+      "A task=vae run is written as a diffusers AutoencoderKLWan directory (the pipeline's vae/ folder).")
   export.add_argument("--workdir", required=True, help="run directory with checkpoints/")
   export.add_argument("--dst", required=True, help="output directory (the pipeline's transformer/ folder)")
   export.add_argument("--ema", action="store_true", help="export the EMA weights (default: the raw weights)")

@@ -171,8 +171,14 @@ class Evaluator:
     key = jax.random.PRNGKey(EVAL_SEED)
     self._loss = jax.jit(lambda params, batch, level, frozen: task.eval_loss(
         merged(graphdef, params, frozen), batch, level, key, frozen))
+    self._metrics = jax.jit(lambda params, batch, frozen: task.eval_metrics(
+        merged(graphdef, params, frozen), batch, key, frozen))
 
   def __call__(self, params) -> dict[str, float]:
+    """The loss at each of the task's levels and their mean (`loss`); a task without levels, its `eval_metrics`."""
+    if not self.levels:
+      per_batch = [jax.device_get(self._metrics(params, b, self.frozen)) for b in self.batches]
+      return {k: float(np.mean([m[k] for m in per_batch])) for k in per_batch[0]}
     losses = {name: float(np.mean([self._loss(params, b, level, self.frozen) for b in self.batches]))
               for name, level in self.levels.items()}
     return {"loss": float(np.mean(list(losses.values()))), **losses}

@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors.numpy import load_file
 
+from src.checkpoint import Checkpointer
 from src.config import ConfigError, VAEConfig
 from src.models.vae import VideoVAE
 
@@ -149,6 +150,41 @@ def vae_params_from_diffusers(tensors: dict[str, np.ndarray], cfg: VAEConfig) ->
   return params
 
 
+def _to_channels_first(name: str, value: np.ndarray) -> np.ndarray:
+  """The inverse of `_to_channels_last`, to diffusers' shapes: a conv kernel [*k, Cin, Cout] -> [Cout, Cin, *k]; an
+  RMS-norm scale [C] -> [C, 1, 1] in the attention blocks (2D norms), [C, 1, 1, 1] elsewhere (3D norms)."""
+  if name.endswith(".weight") and value.ndim >= 3:
+    return np.transpose(value, (value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
+  if name.endswith(".gamma"):
+    return value.reshape(-1, 1, 1) if ".attentions." in name else value.reshape(-1, 1, 1, 1)
+  return value
+
+
+def export_diffusers_vae(params: nnx.State, cfg: VAEConfig, dst: str | Path, dtype=np.float32) -> Path:
+  """A VideoVAE's parameters as a diffusers `AutoencoderKLWan` directory (config.json +
+  diffusion_pytorch_model.safetensors): what `AutoencoderKLWan.from_pretrained`, and
+  vae.checkpoint, read."""
+  from safetensors.numpy import save_file
+
+  dst = Path(dst)
+  if dst.exists() and any(dst.iterdir()):
+    raise FileExistsError(f"{dst} exists and is not empty: export into a new directory")
+  tensors = {}
+  for path, var in nnx.to_flat_state(params):
+    name = diffusers_vae_name(path)
+    tensors[name] = np.ascontiguousarray(_to_channels_first(name, np.asarray(jax.device_get(var[...]), dtype)))
+  config = dict(_class_name="AutoencoderKLWan", base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=list(cfg.dim_mult),
+                num_res_blocks=cfg.num_res_blocks, attn_scales=[], temperal_downsample=list(cfg.temporal_downsample),
+                dropout=0.0, in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+                latents_mean=list(cfg.latents_mean) or [0.0] * cfg.z_dim,
+                latents_std=list(cfg.latents_std) or [1.0] * cfg.z_dim)
+  dst.mkdir(parents=True, exist_ok=True)
+  save_file(tensors, str(dst / DIFFUSERS_WEIGHTS))
+  (dst / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2))
+  log.info("wrote the VAE (%d tensors) as a diffusers AutoencoderKLWan to %s", len(tensors), dst)
+  return dst
+
+
 def build_vae(cfg: VAEConfig, params: dict) -> VideoVAE:
   """A VideoVAE of `cfg` holding `params` (no random initialisation is run: at Wan 2.1
   sizes that would cost seconds and a second copy of the weights)."""
@@ -195,25 +231,66 @@ def _restore_orbax(path: Path, cfg: VAEConfig) -> VideoVAE:
 # Loading either layout.
 
 
+def _run_of(path: Path) -> tuple[Path, int | None] | None:
+  """(run directory, step or None: the newest) when `path` is a training run: its directory, its checkpoints/,
+  or one step directory in it."""
+  if (path / "checkpoints").is_dir():
+    return path, None
+  if path.name == "checkpoints":
+    return path.parent, None
+  if path.parent.name == "checkpoints" and path.name.isdigit():
+    return path.parent.parent, int(path.name)
+  return None
+
+
 def _locate(path: str | Path) -> tuple[Path, str]:
-  """(directory, "orbax" | "diffusers") of a weights directory, or FileNotFoundError."""
+  """(directory, "orbax" | "diffusers" | "run") of a weights directory, or FileNotFoundError."""
   path = Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"VAE weights directory not found: {path}")
   if (path / "params").is_dir() and (path / "config").is_dir():
     return path, "orbax"
+  if _run_of(path):
+    return path, "run"
   if not (path / DIFFUSERS_CONFIG).is_file() and (path / "vae" / DIFFUSERS_CONFIG).is_file():
     path = path / "vae"  # a diffusers model root
   if not (path / DIFFUSERS_CONFIG).is_file():
     raise FileNotFoundError(
-        f"{path} is neither an Orbax VAE checkpoint (params/ and config/) nor a diffusers "
-        f"directory ({DIFFUSERS_CONFIG} + {DIFFUSERS_WEIGHTS}).")
+        f"{path} is neither an Orbax VAE checkpoint (params/ and config/), a task=vae run directory "
+        f"(checkpoints/), nor a diffusers directory ({DIFFUSERS_CONFIG} + {DIFFUSERS_WEIGHTS}).")
   return path, "diffusers"
+
+
+def _read_run(path: Path, cfg: VAEConfig | None = None, weights: str = "ema") -> tuple[VAEConfig, VideoVAE | None]:
+  """A task=vae run's VAEConfig (the saved architecture) and, given the config to build
+  it from (`cfg`), the VideoVAE holding its `weights` (ema | raw) of the newest readable
+  checkpoint (or of the step directory `path` names)."""
+  run, step = _run_of(path)
+  ckpt = Checkpointer(run)
+  try:
+    saved = ckpt.restore_config(step)
+    if saved.get("task") != "vae":
+      raise ConfigError(f"vae.checkpoint={path} is a task={saved.get('task')} run, not a VAE: point it at a task=vae "
+                        "run, a diffusers AutoencoderKLWan directory or an Orbax VAE (src.convert vae)")
+    known = {f.name for f in dataclasses.fields(VAEConfig)}
+    stored = VAEConfig(**{k: v for k, v in saved["vae"].items() if k in known})
+    if cfg is None:
+      return stored, None
+    graphdef, abstract, rest = nnx.split(nnx.eval_shape(lambda: VideoVAE(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    params = ckpt.restore_part("ema" if weights == "ema" else "params", like, step=step)
+  finally:
+    ckpt.close()
+  log.info("VAE weights: the %s weights of the task=vae run %s", "EMA" if weights == "ema" else "raw", run)
+  return stored, nnx.merge(graphdef, params, rest)
 
 
 def _read_config(path: Path, kind: str) -> VAEConfig:
   if kind == "orbax":
     return _read_orbax_config(path)
+  if kind == "run":
+    return _read_run(path)[0]
   return vae_config_from_diffusers(json.loads((path / DIFFUSERS_CONFIG).read_text()))
 
 
@@ -251,9 +328,10 @@ def vae_config_for_checkpoint(cfg: VAEConfig, saved: VAEConfig, source: str | Pa
 def load_pretrained_vae(path: str | Path, cfg: VAEConfig | None = None) -> tuple[VideoVAE, VAEConfig]:
   """A VideoVAE holding the weights in `path`, and the VAEConfig it was built from.
 
-  `path` is an Orbax directory written by `python -m src.convert vae`, or a diffusers
+  `path` is an Orbax directory written by `python -m src.convert vae`, a diffusers
   directory (`config.json` + `diffusion_pytorch_model.safetensors`; a model root whose
-  `vae/` holds them works too). Without `cfg` the model is the stored config's (for a
+  `vae/` holds them works too), or a `task=vae` run directory (its newest readable
+  checkpoint, or the step directory named; the weights of `cfg.checkpoint_weights`). Without `cfg` the model is the stored config's (for a
   diffusers directory the runtime fields are the VAEConfig defaults); with `cfg` it has
   the checkpoint's architecture and `cfg`'s runtime fields (`vae_config_for_checkpoint`).
   Raises FileNotFoundError for a missing or unrecognised directory, WeightsError for
@@ -264,6 +342,8 @@ def load_pretrained_vae(path: str | Path, cfg: VAEConfig | None = None) -> tuple
   cfg = saved if cfg is None else vae_config_for_checkpoint(cfg, saved, path)
   if kind == "orbax":
     model = _restore_orbax(path, cfg)
+  elif kind == "run":
+    model = _read_run(path, cfg, cfg.checkpoint_weights)[1]
   else:
     _, tensors = read_diffusers(path)
     model = build_vae(cfg, vae_params_from_diffusers(tensors, cfg))

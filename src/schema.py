@@ -118,9 +118,10 @@ class VAEConfig:
   # per-channel mean of the latents, z_norm = (z - mean) / std; empty: 0
   latents_mean: List[float] = field(default_factory=list)
   latents_std: List[float] = field(default_factory=list)  # per-channel std of the latents; empty: 1
-  # Weights: an Orbax directory written by `python -m src.convert vae`, or a diffusers
-  # directory (config.json + diffusion_pytorch_model.safetensors). Empty: random init.
+  # Weights: a diffusers AutoencoderKLWan directory (config.json + safetensors), an Orbax directory written by
+  # `src.convert vae`, or a task=vae run directory (its newest checkpoint, or a step directory). Empty: random init.
   checkpoint: str = ""
+  checkpoint_weights: Literal["ema", "raw"] = "ema"  # vae.checkpoint is a task=vae run: which of its weights
   chunk_frames: int = 4  # frames per chunk after the first in chunked encode/decode
   dtype: Dtype = "float32"  # compute dtype; parameters stay float32
   # task=vae (training the VAE itself): no perceptual/adversarial terms, their pretrained networks cannot be downloaded

@@ -30,7 +30,7 @@ LOCK = "train.lock"
 DEFINING = ("task", "seed", "model", "vae", "lora", "objective", "data")
 MAY_CHANGE = {
     "model.attention", "model.remat", "model.scan_layers", "model.init_from",  # same math, or not read on resume
-    "vae.checkpoint", "vae.chunk_frames", "vae.dtype",
+    "vae.checkpoint", "vae.checkpoint_weights", "vae.chunk_frames", "vae.dtype",
     "lora.base_dtype",  # the base's fingerprint, saved in the state, decides
     "data.num_workers", "data.prefetch", "data.log_every", "data.probe_records", "data.data_dir",
 }

@@ -169,3 +169,62 @@ def test_task_checks_name_the_keys():
     make_task(C.load(None, LATENT_DIT + ["data.seq_len=16"]))
   with pytest.raises(C.ConfigError, match="vae.in_channels"):
     make_task(C.load(None, VAE + ["data.channels=4"]))
+
+
+def test_a_vae_run_is_a_vae_checkpoint_and_exports_to_diffusers(tmp_path, caplog):
+  """A task=vae run writes input | reconstruction samples and names its held-out metrics;
+  its directory (or one step in it) is then a vae.checkpoint (EMA or raw weights) and
+  `src.convert export` writes it as a diffusers AutoencoderKLWan that loads back the same."""
+  from src import convert
+  from src.pretrained import load_vae
+  from src.runs import load_run
+
+  run = tmp_path / "vae_run"
+  train(C.load(None, VAE + [f"workdir={run}", "data.batch_size=8", "train.steps=4", "train.log_every=2", "train.eval_every=4",
+                            "train.eval_batches=1", "train.sample_every=4", "train.sample_count=2",
+                            "optim.lr=3e-3", "optim.warmup_steps=1"]))
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  val = next(r for r in rows if "val/loss" in r)
+  assert {"val/l1", "val/mse", "val/kl", "val/psnr_db"} <= set(val) and "val/loss_t0" not in val, val
+  from PIL import Image
+  grid = np.asarray(Image.open(run / "samples" / "step_0000004-ema.png"))
+  assert grid.shape[0] >= 2 * 16 * 4 and grid.shape[1] >= 5 * (2 * 16 + 2) * 4  # 2 rows, 5 frames of input|recon
+
+  vae_keys = ["vae.base_dim=8", "vae.z_dim=4", "vae.dim_mult=[1,2,2,2]", "vae.num_res_blocks=1"]
+  user = lambda checkpoint, *more: C.load(None, vae_keys + [f"vae.checkpoint={checkpoint}", *more]).vae
+  flat = lambda state: {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(state, nnx.Param))}
+  for weights in ("ema", "raw"):
+    want = flat(load_run(run, use_ema=weights == "ema")[2])
+    for where in (run, run / "checkpoints" / "4"):
+      got = flat(load_vae(user(where, f"vae.checkpoint_weights={weights}")))
+      assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(load_run(run)[2]).values(),
+                                                        flat(load_run(run, use_ema=False)[2]).values()))
+
+  convert.main(["export", "--workdir", str(run), "--dst", str(tmp_path / "exported")])
+  assert (tmp_path / "exported" / "config.json").is_file()
+  got, want = flat(load_vae(user(tmp_path / "exported", "vae.latents_mean=[]"))), flat(load_run(run, use_ema=False)[2])
+  assert all(np.array_equal(got[k], want[k]) for k in want)
+
+  dit_run = tmp_path / "dit_run"
+  train(C.load(None, LATENT_DIT + [f"workdir={dit_run}", "data.batch_size=8", "train.steps=1",
+                                   "train.tensorboard=false"]))
+  with pytest.raises(C.ConfigError, match="is a task=dit run, not a VAE"):
+    load_vae(user(dit_run))
+
+
+def test_an_exported_vae_loads_in_diffusers_and_encodes_the_same(tmp_path):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from src.pretrained import export_diffusers_vae
+
+  cfg = C.load(None, ["vae.base_dim=8", "vae.z_dim=4", "vae.dim_mult=[1,2,2,2]", "vae.num_res_blocks=1"]).vae
+  from src.models.vae import VideoVAE
+
+  ours = VideoVAE(cfg, rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  export_diffusers_vae(nnx.state(ours, nnx.Param), cfg, tmp_path / "vae")
+  ref = diffusers.AutoencoderKLWan.from_pretrained(tmp_path / "vae")  # strict: every tensor named and shaped
+  x = np.random.RandomState(0).uniform(-1, 1, (1, 5, 16, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    want = ref.encode(torch.from_numpy(x.transpose(0, 4, 1, 2, 3))).latent_dist.mean.numpy().transpose(0, 2, 3, 4, 1)
+  np.testing.assert_allclose(np.asarray(ours.encode(jnp.asarray(x))[0]), want, atol=2e-4)

@@ -71,6 +71,11 @@ class Task(abc.ABC):
                 frozen: dict | None = None) -> jax.Array:
     """The validation loss of a batch at a fixed noise level and fixed noise."""
 
+  def eval_metrics(self, model: nnx.Module, batch, key: jax.Array, frozen: dict | None = None) -> dict:
+    """Held-out metrics of a batch in one pass, for a task whose `eval_levels` is empty
+    (the VAE: its reconstruction terms)."""
+    raise NotImplementedError(f"{type(self).__name__} validates at its eval_levels")
+
   @abc.abstractmethod
   def count_tokens(self, batch) -> tuple[int, int]:
     """(real, total) tokens of a host batch: what tokens/s and padding count."""
