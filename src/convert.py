@@ -45,6 +45,7 @@ from src.checkpoint import CheckpointNotFoundError
 from src.pretrained import export_diffusers_vae, load_pretrained_vae, save_vae
 from src import lora as lora_lib
 from src.runs import load_base, load_task_run
+from src.tasks import VAETask
 from src.wan import load_pretrained_wan, wan_forward  # noqa: F401 (the parity API above)
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def export_run(workdir: str | Path, dst: str | Path, use_ema: bool = False, dtyp
   base and exported whole (`merge`)."""
   cfg, task, _, params = load_task_run(workdir, use_ema=use_ema)
   np_dtype = np.dtype(jax.numpy.dtype(dtype))
-  if cfg.task == "vae":  # a trained VAE: a diffusers AutoencoderKLWan, which vae.checkpoint also reads
+  if isinstance(task, VAETask):  # a trained VAE: a diffusers AutoencoderKLWan, which vae.checkpoint also reads
     if lora_only or merge:
       raise ValueError(f"{workdir} is a task=vae run: export it without --lora-only / --merge")
     return export_diffusers_vae(params, cfg.vae, dst, dtype=np_dtype)

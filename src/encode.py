@@ -86,6 +86,7 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
   encode, captions = encode_fn(graphdef), CaptionEmbeddings(cfg, mesh, rules)
   writer = LatentWriter(out_dir, pid, count)
   pending = collections.defaultdict(list)  # clips of one shape are encoded together
+  skipped = collections.Counter()
   tic = time.perf_counter()
 
   def flush(shape):
@@ -97,23 +98,30 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
     for rec, latent, text in zip(group, latents, captions([g["caption"] for g in group])):
       writer.write(latent, rec["label"], rec["caption"], text)
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    for i in tqdm(indices, desc=f"encoding (process {pid})", unit="clip", file=sys.stderr):
-      rec = source[i]
-      if "skip" in rec:
-        log.warning("skipping record %d %s: %s %s", i, rec["name"], rec["skip"], rec["detail"])
-        continue
-      shape = rec["video"].shape
-      pending[shape].append(rec)
-      if len(pending[shape]) == rows:
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      for i in tqdm(indices, desc=f"encoding (process {pid})", unit="clip", file=sys.stderr):
+        rec = source[i]
+        if "skip" in rec:
+          log.warning("skipping record %d %s: %s %s", i, rec["name"], rec["skip"], rec["detail"])
+          skipped[rec["skip"]] += 1
+          continue
+        shape = rec["video"].shape
+        pending[shape].append(rec)
+        if len(pending[shape]) == rows:
+          flush(shape)
+      for shape in list(pending):
         flush(shape)
-    for shape in list(pending):
-      flush(shape)
+  except BaseException:  # nothing half-written stays behind (Ctrl-C included)
+    writer.abort()
+    raise
   writer.close(dict(records_per_process={str(pid): writer.count}, process_count=count, split=split,
                     z_dim=cfg.vae.z_dim, source=cfg.data.source, text_len=cfg.data.text_len,
                     cond_dim=cfg.model.cond_dim, text_encoder=cfg.model.text_encoder,
                     vae=config_lib.to_dict(cfg)["vae"]))
-  log.info("encoded %d clips in %.1f s -> %s", writer.count, time.perf_counter() - tic, writer.path)
+  why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+  log.info("encoded %d clips in %.1f s -> %s; skipped %d%s", writer.count, time.perf_counter() - tic, writer.path,
+           sum(skipped.values()), f" ({why})" if why else "")
   return writer.count
 
 
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
     make_task(cfg)  # the config checks of the DiT this cache is for
     mesh_lib.initialize_distributed(cfg.mesh)
     encode_dataset(cfg, args.out, args.split, args.limit)
-  except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

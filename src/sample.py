@@ -59,10 +59,10 @@ def parse_args(argv):
   p.add_argument("--prompt", help="caption (caption-conditioned models)")
   p.add_argument("--negative-prompt", default="",
                  help="umT5 captions: what guidance steers away from (default: the empty prompt, the null caption)")
-  p.add_argument("--frames", type=int, help="latent frames (default: from the run's data.frames); "
-                 "--pretrained: video frames, 1 + 4k (default 81)")
-  p.add_argument("--height", type=int, help="latent height (default: from the run's data.height)")
-  p.add_argument("--width", type=int, help="latent width (default: from the run's data.width)")
+  p.add_argument("--frames", type=int, help="frames, in the run's data units: video frames (1 + 4k) for a run "
+                 "with a VAE, else latent frames (default: the run's data.frames); --pretrained: 1 + 4k (default 81)")
+  p.add_argument("--height", type=int, help="height: pixels for a run with a VAE, else latents (default: data.height)")
+  p.add_argument("--width", type=int, help="width: pixels for a run with a VAE, else latents (default: data.width)")
   p.add_argument("--num", type=int, default=4, help="samples to make")
   p.add_argument("--steps", type=int, default=50, help="sampler steps")
   p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1: none; default 4, --pretrained 5)")
@@ -111,9 +111,12 @@ def main(argv=None) -> int:
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  # The run's data sizes: pixels for a DiT that encoded pixels in the step, else latents.
-  shape = task.latent_shape((args.frames or cfg.data.frames, args.height or cfg.data.height,
-                             args.width or cfg.data.width))
+  # The run's data sizes: pixels for a run with a VAE, else latents.
+  size = (args.frames or cfg.data.frames, args.height or cfg.data.height, args.width or cfg.data.width)
+  if task.size_error(size):
+    print(f"error: cannot sample {task.size_error(size)}", file=sys.stderr)
+    return 2
+  shape = task.latent_shape(size)
   label = -1 if args.label is None else args.label
   try:
     given, given_frames = given_from_files(args, cfg, frozen, shape)

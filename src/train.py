@@ -59,7 +59,7 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   progress = hooks.Progress(start, t.steps)
   writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start, progress), hooks.StepMeter()
   evaluator = hooks.Evaluator(task, mesh, rules, graphdef, frozen) if t.eval_every else None
-  sampler = task.make_sampler(graphdef, frozen, t.sample_count) if t.sample_every else None
+  sampler = task.make_sampler(graphdef, task.with_decoder(frozen, mesh), t.sample_count) if t.sample_every else None
   saver, last = hooks.Saver(ckpt, data, config_lib.to_dict(cfg), t, start), {}
   finished = False
   try:

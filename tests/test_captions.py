@@ -165,3 +165,14 @@ def test_the_umt5_preset_trains_and_samples_end_to_end(tiny_umt5, tmp_path):
                       "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert (out.parent / "u-0.gif").is_file()
+
+
+def test_a_caption_embedding_of_the_wrong_shape_is_an_error_naming_the_record():
+  from src.data.sources import caption_tokens
+
+  rec = {"caption": "a red disc", "name": "clips/a.mp4", "text": np.ones((3, 16), np.float32)}
+  np.testing.assert_array_equal(caption_tokens(rec, 4, 16)[:3], rec["text"])  # shorter: zero-padded
+  assert not caption_tokens(rec, 4, 16)[3].any()
+  for text in (np.ones((4, 8), np.float32), np.ones((6, 16), np.float32)):
+    with pytest.raises(ValueError, match=r"clips/a.mp4.*caption embedding of shape"):
+      caption_tokens({**rec, "text": text}, 4, 16)

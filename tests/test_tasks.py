@@ -96,7 +96,7 @@ VAE = TINY_VAE + ["task=vae", "data.batch_size=4"]
 
 @pytest.mark.parametrize("overrides, kind", [
     ([], DiTTask), (LATENT_DIT, DiTTask), (PIXEL_DIT, PixelDiTTask), (VAE, VAETask),
-    (PIXEL_DIT + ["data.source=latents", "data.channels=4"], DiTTask),  # a latent cache is latents already
+    (PIXEL_DIT + ["data.source=latents", "data.seq_len=8"], DiTTask),  # a latent cache is latents already
 ])
 def test_make_task_picks_the_task(overrides, kind):
   assert type(make_task(C.load(None, overrides))) is kind
@@ -159,7 +159,7 @@ def test_eval_levels_and_sample_specs():
   specs = task.sample_specs(3)
   assert len(specs) == 3 and all(s.shape == (2, 2, 2) for s in specs)  # 5 px frames at 16x16 -> latents
   assert all(s.caption for s in specs) and all(s.label == -1 for s in specs)  # captions, no class table
-  assert make_task(C.load(None, VAE)).eval_levels() == {"loss_t0": 0.0}
+  assert make_task(C.load(None, VAE)).eval_levels() == {}  # its eval_metrics name themselves
 
 
 def test_task_checks_name_the_keys():
@@ -228,3 +228,31 @@ def test_an_exported_vae_loads_in_diffusers_and_encodes_the_same(tmp_path):
   with torch.no_grad():
     want = ref.encode(torch.from_numpy(x.transpose(0, 4, 1, 2, 3))).latent_dist.mean.numpy().transpose(0, 2, 3, 4, 1)
   np.testing.assert_allclose(np.asarray(ours.encode(jnp.asarray(x))[0]), want, atol=2e-4)
+
+
+def test_sample_sizes_are_the_data_units_and_a_bad_one_names_the_valid_sizes():
+  pixels = make_task(C.load(None, PIXEL_DIT))  # a VAE: pixels (8x spatial, 4x temporal; patch 1)
+  assert pixels.size_error((5, 16, 24)) is None and pixels.latent_shape((5, 16, 24)) == (2, 2, 3)
+  assert "the height a multiple of 8" in pixels.size_error((5, 9, 16))
+  assert "frames must be 1 + 4k" in pixels.size_error((4, 16, 16))
+  cache = make_task(C.load(None, PIXEL_DIT + ["data.source=latents", "data.seq_len=8"]))  # a VAE's latent cache
+  assert type(cache) is DiTTask and cache.latent_shape((5, 16, 16)) == (2, 2, 2) and cache.frame_slots() == 2
+  latents = make_task(C.load(None, LATENT_DIT))  # no VAE: the data are latents
+  assert latents.size_error((2, 8, 8)) is None and "model.patch=(1, 2, 2)" in latents.size_error((2, 9, 8))
+
+
+def test_a_failed_encode_leaves_no_cache_and_an_existing_one_is_kept(tmp_path):
+  from src.data.latents import LatentSource, LatentWriter
+
+  writer = LatentWriter(tmp_path / "cache")
+  writer.write(np.zeros((1, 2, 2, 4)), 0, "a red disc")
+  writer.abort()  # what src.encode does when encoding fails
+  assert not list((tmp_path / "cache").iterdir())
+  with pytest.raises(FileNotFoundError):
+    LatentSource(tmp_path / "cache")
+  writer = LatentWriter(tmp_path / "cache")
+  writer.write(np.zeros((1, 2, 2, 4)), 0, "a red disc")
+  writer.close({"z_dim": 4})
+  assert len(LatentSource(tmp_path / "cache")) == 1
+  with pytest.raises(FileExistsError, match="already holds a latent cache"):
+    LatentWriter(tmp_path / "cache")

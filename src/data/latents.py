@@ -21,13 +21,19 @@ SHARD_PATTERN = "latents-{index:05d}-of-{count:05d}.array_record"
 
 
 class LatentWriter:
-  """Appends records to this process's shard; `close()` writes metadata (process 0)."""
+  """Appends records to this process's shard, written as `<shard>.partial` and renamed
+  by `close()` (which also writes the metadata, on process 0); `abort()` deletes it.
+  So a failed or interrupted encode leaves no cache a reader would take for whole. An
+  existing cache in `out_dir` is refused rather than mixed with the new shards."""
 
   def __init__(self, out_dir: str | Path, process_index: int = 0, process_count: int = 1):
     self.dir = Path(out_dir)
+    if (self.dir / METADATA).exists() or any(self.dir.glob("latents-*.array_record")):
+      raise FileExistsError(f"{self.dir} already holds a latent cache: write to a new --out (or delete it first)")
     self.dir.mkdir(parents=True, exist_ok=True)
     self.path = self.dir / SHARD_PATTERN.format(index=process_index, count=process_count)
-    self._writer = array_record_module.ArrayRecordWriter(str(self.path), "group_size:1")
+    self._partial = self.path.with_name(self.path.name + ".partial")
+    self._writer = array_record_module.ArrayRecordWriter(str(self._partial), "group_size:1")
     self.primary, self.count = process_index == 0, 0
 
   def write(self, latent: np.ndarray, label: int, caption: str, text: np.ndarray | None = None) -> None:
@@ -39,8 +45,14 @@ class LatentWriter:
 
   def close(self, metadata: dict) -> None:
     self._writer.close()
+    self._partial.rename(self.path)
     if self.primary:
       (self.dir / METADATA).write_text(json.dumps(metadata, indent=2))
+
+  def abort(self) -> None:
+    """Drop this process's partial shard (the encode failed)."""
+    self._writer.close()
+    self._partial.unlink(missing_ok=True)
 
 
 class LatentSource:
@@ -78,9 +90,10 @@ class LatentSource:
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} cached latents")
     shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-    raw = self._reader(shard).read([int(index - self._starts[shard])])[0]
-    record = serialization.msgpack_restore(raw)
-    out = {"video": record["latent"], "label": int(record["label"]), "caption": record["caption"]}
+    local = int(index - self._starts[shard])
+    record = serialization.msgpack_restore(self._reader(shard).read([local])[0])
+    out = {"video": record["latent"], "label": int(record["label"]), "caption": record["caption"],
+           "name": f"{Path(self._files[shard]).name}#{local}"}
     if "text" in record:
       out["text"] = record["text"]
     return out

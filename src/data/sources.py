@@ -168,14 +168,15 @@ def caption_tokens(record: dict, text_len: int, dim: int, encoder: str = "precom
   """What the DiT cross-attends to for a record's caption: byte ids [S] (`bytes`);
   umT5 token ids [S] (`umt5`, -1 past the caption's end: `batch.TEXT_PAD`), or the
   umT5 embeddings a latent cache holds, zero-padded to [S, Dc] as Wan pads them; or
-  embeddings [S, Dc] (`precomputed`): the record's own, else the synthetic stand-in."""
+  embeddings [S, Dc] (`precomputed`): the record's own (zero-padded; one of another
+  width or longer than S is an error naming the record), else the synthetic stand-in."""
   if encoder == "bytes":
     return caption_bytes(record["caption"], text_len)
   text = record.get("text")
   if encoder == "umt5":
     return caption_ids(record["caption"], text_len, tokenizer) if text is None else padded_text(record, text_len, dim)
-  if text is not None and text.shape == (text_len, dim):
-    return np.asarray(text, np.float32)
+  if text is not None:  # the record's own embedding: of the right width, at most text_len tokens (zero-padded)
+    return padded_text(record, text_len, dim)
   return embed_caption(record["caption"], text_len, dim)
 
 

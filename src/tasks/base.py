@@ -80,6 +80,10 @@ class Task(abc.ABC):
   def count_tokens(self, batch) -> tuple[int, int]:
     """(real, total) tokens of a host batch: what tokens/s and padding count."""
 
+  def with_decoder(self, frozen: dict, mesh) -> dict:
+    """The frozen parts samples need: by default the step's own."""
+    return frozen
+
   def make_sampler(self, graphdef: nnx.GraphDef, frozen: dict, count: int):
     """A callable (weights, seed) -> list of videos, for periodic samples; None if the
     task makes none."""

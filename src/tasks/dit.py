@@ -33,7 +33,9 @@ LORA_DROPOUT_STREAM = 7  # folded into the step's key for the adapters' dropout
 
 class DiTTask(Task):
   """The DiT on packed latent tokens: the data are the latents themselves, or a
-  latent cache (`data.source=latents`)."""
+  latent cache (`data.source=latents`). With a VAE (`vae.enabled`: the cache's, which
+  decodes the samples) the data keys are pixels, as they were for `src.encode`, and
+  the latent sizes follow from the VAE; without one the data are latents."""
 
   @property
   def scans_layers(self) -> bool:
@@ -43,7 +45,44 @@ class DiTTask(Task):
     d = self.cfg.data
     check_text(self.cfg)
     self._check_frames()
-    self._check_latents(d.channels, (d.frames, d.height, d.width), (max(d.frame_counts or [d.frames]), d.area))
+    if self.cfg.vae.enabled:  # a latent cache of the VAE: pixel sizes
+      if d.seq_len <= 0:
+        raise ConfigError("a latent cache with vae.enabled=true (pixel sizes) needs data.seq_len, the row length in "
+                          "tokens.")
+      self._check_pixels()
+    else:
+      self._check_latents(d.channels, (d.frames, d.height, d.width), (max(d.frame_counts or [d.frames]), d.area))
+
+  def _check_pixels(self) -> None:
+    """The data keys as pixel sizes the VAE encodes (the fixed shape only when data.area is 0)."""
+    d, v = self.cfg.data, self.cfg.vae
+    if d.channels != v.in_channels:
+      raise ConfigError(f"data.channels={d.channels} but vae.in_channels={v.in_channels} (data sizes are pixels "
+                        "with a VAE).")
+    error = v.clip_error((d.frames, d.height, d.width)) if d.area <= 0 else None
+    if error:
+      raise ConfigError(f"data clip (data.frames, data.height, data.width): {error}.")
+    _, fs = v.compression()
+    bad = [f for f in d.frame_counts if v.clip_error((f, fs, fs))]
+    if bad:
+      raise ConfigError(f"data.frame_counts={list(d.frame_counts)}: {bad} cannot be encoded: "
+                        f"{v.clip_error((bad[0], fs, fs))}.")
+    largest = v.latent_shape((max(d.frame_counts or [d.frames]), 1, 1))[0], d.area // fs**2
+    grid = v.latent_shape((d.frames, d.height, d.width)) if d.area <= 0 else tuple(self.cfg.model.patch)
+    self._check_latents(v.z_dim, grid, largest)
+
+  def size_error(self, shape) -> str | None:
+    """Why a sample of (T, H, W) in the data's units (pixels with a VAE) cannot be made, naming the valid sizes."""
+    (pt, ph, pw), t, h, w = self.cfg.model.patch, *shape
+    if self.cfg.vae.enabled:
+      ft, fs = self.cfg.vae.compression()
+      if (t - 1) % ft or h % (fs * ph) or w % (fs * pw) or (1 + (t - 1) // ft) % pt or min(shape) < 1:
+        return (f"{t} frames at {h}x{w} pixels (HxW): frames must be 1 + {ft}k (giving a multiple of {pt} latent "
+                f"frames), the height a multiple of {fs * ph} and the width of {fs * pw} (VAE x patch)")
+    elif t % pt or h % ph or w % pw or min(shape) < 1:
+      return (f"a latent grid of {t} x {h} x {w} (frames x height x width): each must be a multiple of "
+              f"model.patch={tuple(self.cfg.model.patch)}")
+    return None
 
   def _check_frames(self) -> None:
     error = frames.check(self.cfg)
@@ -192,8 +231,9 @@ class DiTTask(Task):
     for ex in (source[i] for i in range(len(source))):
       if len(specs) == count:
         break
-      if "skip" not in ex:
-        specs.append(Spec(self.latent_shape(tuple(ex["video"].shape[:3])),
+      if "skip" not in ex:  # a latent cache's records are latents already
+        shape = tuple(ex["video"].shape[:3])
+        specs.append(Spec(shape if c.data.source == "latents" else self.latent_shape(shape),
                           ex["label"] if c.model.num_classes else -1, ex["caption"] if c.model.cond_dim else None))
     return specs
 
@@ -202,15 +242,19 @@ class DiTTask(Task):
     return 1
 
   def latent_shape(self, shape) -> tuple[int, int, int]:
-    """The latent (T, H, W) of a clip of the data's (T, H, W)."""
-    return tuple(shape)
+    """The latent (T, H, W) of a clip of the config's (T, H, W): pixels with a VAE, else latents."""
+    return self.cfg.vae.latent_shape(shape) if self.cfg.vae.enabled else tuple(shape)
 
   def sampling_frozen(self, mesh, rules) -> dict:
     """What sampling needs on the mesh: the frozen parts, and the VAE that decodes the
     latents to pixels when the run has one (replicated)."""
-    frozen = self.load_frozen(mesh, rules)
+    return self.with_decoder(self.load_frozen(mesh, rules), mesh)
+
+  def with_decoder(self, frozen: dict, mesh) -> dict:
+    """`frozen` with the VAE that decodes samples to pixels when the run has one (a
+    latent cache's run, `vae.enabled`, loads it here: its step never needs it)."""
     if self.cfg.vae.enabled and "vae" not in frozen:
-      frozen["vae"] = place_frozen(Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)), mesh)
+      frozen = {**frozen, "vae": place_frozen(Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)), mesh)}
     return frozen
 
   def make_sampler(self, graphdef, frozen: dict, count: int) -> Sampler:
@@ -224,21 +268,9 @@ class PixelDiTTask(DiTTask):
   step; mixed shapes go through the latent cache (`src.encode`) instead."""
 
   def check(self) -> None:
-    d, v = self.cfg.data, self.cfg.vae
     check_text(self.cfg)
     self._check_frames()
-    if d.channels != v.in_channels:
-      raise ConfigError(f"data.channels={d.channels} but vae.in_channels={v.in_channels}.")
-    error = v.clip_error((d.frames, d.height, d.width))
-    if error:
-      raise ConfigError(f"data clip (data.frames, data.height, data.width): {error}.")
-    _, fs = v.compression()
-    bad = [f for f in d.frame_counts if v.clip_error((f, fs, fs))]
-    if bad:
-      raise ConfigError(f"data.frame_counts={list(d.frame_counts)}: {bad} cannot be encoded: "
-                        f"{v.clip_error((bad[0], fs, fs))}.")
-    largest = v.latent_shape((max(d.frame_counts or [d.frames]), 1, 1))[0], d.area // fs**2
-    self._check_latents(v.z_dim, v.latent_shape((d.frames, d.height, d.width)), largest)
+    self._check_pixels()
 
   def load_frozen(self, mesh, rules) -> dict:
     vae = place_frozen(Frozen.of(load_vae(self.cfg.vae, self.cfg.seed)), mesh)
@@ -279,6 +311,3 @@ class PixelDiTTask(DiTTask):
 
   def pixel_multiple(self) -> int:
     return self.cfg.vae.compression()[1]
-
-  def latent_shape(self, shape) -> tuple[int, int, int]:
-    return self.cfg.vae.latent_shape(shape)
