@@ -3,7 +3,8 @@
 Runs the configured data source (pixels) through the frozen VAE (`vae.checkpoint`) on
 the device mesh and writes an ArrayRecord cache of normalised posterior means, with
 labels, captions and, when the DiT is caption-conditioned, the caption embeddings.
-Each process encodes and writes its own shard of the source. Train on the cache with
+Each process encodes and writes its own shard of the source; `--split validation` writes
+the held-out split into `OUT/validation/`, where the `latents` source reads it. Train on the cache with
 `data.source=latents data.data_dir=DIR` (variable shapes are packed like any clip).
 """
 
@@ -84,7 +85,7 @@ def encode_dataset(cfg: Config, out_dir: str, split: str = "train", limit: int =
   rows = max(1, cfg.data.batch_size // count)
   data_devices = mesh_lib.batch_devices(mesh, rules)
   encode, captions = encode_fn(graphdef), CaptionEmbeddings(cfg, mesh, rules)
-  writer = LatentWriter(out_dir, pid, count)
+  writer = LatentWriter(out_dir if split == "train" else f"{out_dir}/validation", pid, count)  # where latents reads it
   pending = collections.defaultdict(list)  # clips of one shape are encoded together
   skipped = collections.Counter()
   tic = time.perf_counter()
@@ -131,7 +132,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m src.encode", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", help="YAML preset: data source, vae.* and model.patch/cond_dim")
   p.add_argument("--out", required=True, help="output directory of the latent cache")
-  p.add_argument("--split", default="train", choices=("train", "validation"))
+  p.add_argument("--split", default="train", choices=("train", "validation"),
+                 help="the source split to encode; validation goes to OUT/validation/, where data.source=latents "
+                 "finds the held-out split")
   p.add_argument("--limit", type=int, default=0, help="encode at most this many clips per process (0: all)")
   p.add_argument("overrides", nargs="*", metavar="key.sub=value")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)

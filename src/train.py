@@ -77,8 +77,7 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
         if evaluator and hooks.due(done, t.eval_every, t.steps):
           writer.write(done, evaluator(state.params), prefix="val")
         if sampler and hooks.due(done, t.sample_every, t.steps):
-          weights = state.ema if t.sample_weights == "ema" else state.params
-          writer.write_samples(done, workdir, sampler(weights, seed=cfg.seed), t.sample_weights)
+          write_samples(writer, done, workdir, task, sampler, state, cfg)
         if saver(done, state):
           break
     finished = True
@@ -91,6 +90,15 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   finally:
     writer.close(strict=finished)
   return last
+
+
+def write_samples(writer: hooks.MetricsWriter, done: int, workdir, task, sampler, state, cfg: Config) -> None:
+  """The periodic samples of `train.sample_weights`, and how many show what they were asked for (synthetic data)."""
+  videos = sampler(state.ema if cfg.train.sample_weights == "ema" else state.params, seed=cfg.seed)
+  writer.write_samples(done, workdir, videos, cfg.train.sample_weights)
+  quality = task.sample_quality(sampler, videos)
+  if quality is not None:
+    writer.write(done, {"sample_pass": quality}, prefix="val")
 
 
 def open_workdir(cfg: Config, workdir, ckpt: Checkpointer) -> None:

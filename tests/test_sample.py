@@ -75,7 +75,7 @@ def test_samples_resemble_the_data_after_a_smoke_run(tmp_path):
       "train.eval_every=120", "train.eval_batches=1", "optim.ema_decay=0.95",
   ])
   train(cfg)
-  assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_0000240.png"]
+  assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["step_0000240-ema.png"]
   metrics = (tmp_path / "metrics.jsonl").read_text()
   assert '"val/loss_t0.5"' in metrics
 

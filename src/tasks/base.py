@@ -84,6 +84,11 @@ class Task(abc.ABC):
     """The frozen parts samples need: by default the step's own."""
     return frozen
 
+  def sample_quality(self, sampler, videos: list) -> float | None:
+    """The fraction of `sampler`'s videos that show what they were asked for, where the
+    data make that measurable (`src.quality`: the synthetic clips); else None."""
+    return None
+
   def make_sampler(self, graphdef: nnx.GraphDef, frozen: dict, count: int):
     """A callable (weights, seed) -> list of videos, for periodic samples; None if the
     task makes none."""

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from src import frames, objectives, wan
+from src import frames, objectives, quality, wan
 from src.batch import ClipBatch, Packing, PackedBatch, captions_as_ids
 from src.captions import drop_captions, encode_captions, tokenizer_dir
 from src.config import ConfigError
@@ -261,6 +261,12 @@ class DiTTask(Task):
     t = self.cfg.train
     return Sampler(graphdef, self.cfg, self.sample_specs(count), steps=t.sample_steps, guidance=t.sample_guidance,
                    frozen=frozen)
+
+
+  def sample_quality(self, sampler: Sampler, videos: list) -> float | None:
+    if self.cfg.data.source != "synthetic":
+      return None
+    return quality.pass_fraction(videos, [quality.Ask.of(s.label, s.caption) for s in sampler.specs])
 
 
 class PixelDiTTask(DiTTask):

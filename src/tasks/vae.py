@@ -1,6 +1,7 @@
 """The causal video VAE as a task: L1/L2 reconstruction plus a KL term, on fixed-shape
-clips, with held-out reconstruction metrics and input | reconstruction samples. Perceptual (LPIPS) and adversarial terms need pretrained networks that cannot
-be downloaded here, so they are not part of it."""
+clips, with held-out reconstruction metrics and input | reconstruction samples.
+Perceptual (LPIPS) and adversarial terms need pretrained networks that cannot be
+downloaded here, so they are not part of it."""
 
 from __future__ import annotations
 
@@ -65,7 +66,11 @@ class VAETask(Task):
     """(weights, seed) -> `count` held-out clips, each shown as input | reconstruction (posterior mean)."""
     clips = next(self.batches("validation")).video[:count]
     gap = np.full((*clips.shape[1:3], 2, clips.shape[-1]), -1.0, np.float32)  # a black bar between the two
-    reconstruct = jax.jit(lambda params, x: nnx.merge(graphdef, params).decode(nnx.merge(graphdef, params).encode(x)[0]))
+    def reconstruct_fn(params, x):
+      vae = nnx.merge(graphdef, params)
+      return vae.decode(vae.encode(x)[0])
+
+    reconstruct = jax.jit(reconstruct_fn)
 
     def sample(weights, seed: int = 0) -> list[np.ndarray]:
       recon = np.asarray(jax.device_get(reconstruct(weights, jnp.asarray(clips))), np.float32)
