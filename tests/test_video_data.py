@@ -100,7 +100,7 @@ def folder(tmp_path_factory):
   labels = write_folder(root / "src")
   out = root / "data"
   assert build_lib.main(["--src", str(root / "src"), "--captions", str(root / "src" / "captions.jsonl"),
-                         "--out", str(out)]) == 0
+                         "--out", str(out), "--no-probe"]) == 0  # bad files kept: the pipeline's skips are tested
   return out, labels
 
 
@@ -226,6 +226,31 @@ def test_captions_from_csv_and_jsonl(tmp_path):
   assert set(_names(train, 2) + _names(val, 1)) == {"x.png", "y.png", "z.png"}
 
 
+def test_the_build_leaves_out_unreadable_files_and_reports_each_split(tmp_path, capsys):
+  write_folder(tmp_path / "src")
+  assert build_lib.main(["--src", str(tmp_path / "src"), "--captions", str(tmp_path / "src" / "captions.jsonl"),
+                         "--out", str(tmp_path / "out"), "--val_count", "3"]) == 0
+  unreadable = {n: r for n, r in BAD.items() if r in ("undecodable", "empty", "channels")}
+  report = json.loads(next((tmp_path / "out").rglob(build_lib.REPORT)).read_text())
+  assert {n: why.split(":")[0] for n, why in report["skipped"].items()} == unreadable
+  train, val = folder_source(str(tmp_path / "out"), "train"), folder_source(str(tmp_path / "out"), "validation")
+  kept = set(_names(train, len(train)) + _names(val, len(val)))
+  assert kept == set(GOOD) | set(BAD) - set(unreadable) and len(val) == report["validation"]["files"] == 3
+  assert report["train"]["files"] + 3 == len(kept)
+  images = sum(spec is None for spec in GOOD.values())
+  assert report["train"]["images"] + report["validation"]["images"] == images
+  assert report["train"]["videos"] + report["validation"]["videos"] == len(kept) - images
+  assert sorted(report["train"]["uncaptioned"] + report["validation"]["uncaptioned"]) == ["blank.mp4", "uncaptioned.mp4"]
+  out = capsys.readouterr()
+  assert "Downloading and preparing" not in out.out + out.err  # tfds' noise is not the report
+  assert "left out 4 unreadable file(s): channels 1 (grey.png); empty 1 (empty.mp4)" in out.err  # the CLI logs
+  assert f"train: {report['train']['files']} files" in out.err and "validation: 3 files" in out.err
+  build_lib.main(["--src", str(tmp_path / "src"), "--captions", str(tmp_path / "src" / "captions.jsonl"),
+                  "--out", str(tmp_path / "out")])  # reused as built: the report is the build's
+  err = capsys.readouterr().err
+  assert "is reused as it is" in err and "left out 4 unreadable" in err
+
+
 def test_missing_paths_and_misconfigurations_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="video folder not found"):
     build_lib.list_entries(tmp_path / "nope", {})
@@ -308,7 +333,9 @@ def test_resume_is_exact_with_worker_processes(folder):
 def test_nothing_usable_fails_at_start_up(tmp_path):
   bad = {n: BAD[n] for n in ("noise.webm", "grey.png", "empty.mp4")}
   write_folder(tmp_path / "src", good={}, bad=bad)
-  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"))
+  with pytest.raises(ValueError, match=r"none of the 3 media files .* can be read: channels 1, empty 1, undecodable 1"):
+    build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"))
+  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"), probe=False)
   with pytest.raises(ValueError, match=r"none of the first 8 records is usable .*'undecodable'"):
     make_iterator(_cfg(tmp_path / "out"), PATCH, cond_dim=0, seed=0)
   mixed = _cfg("", source="mixture", mixture=[{"source": "synthetic"},
@@ -406,7 +433,7 @@ def test_clip_batches_from_uint8_and_float_sources(folder):
 def test_clip_batches_fail_at_start_up_when_nothing_is_usable(tmp_path):
   bad = {n: BAD[n] for n in ("noise.webm", "grey.png", "empty.mp4")}
   write_folder(tmp_path / "src", good={}, bad=bad)
-  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"))
+  build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"), probe=False)
   from src.data.clips import make_clip_iterator
 
   fixed = dict(area=0, frames=2, height=8, width=8, seq_len=0, frame_counts=[])

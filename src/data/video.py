@@ -122,6 +122,38 @@ def _count_frames(data: bytes) -> int:
     return sum(1 for packet in container.demux(stream) if packet.size)
 
 
+def _check_format(stream) -> None:
+  fmt = stream.codec_context.format
+  if fmt is not None and len(fmt.components) < 3 and not fmt.name.startswith("pal"):
+    raise BadInput("channels", f"pixel format {fmt.name}")
+
+
+def probe(data: bytes) -> dict:
+  """What an encoded file holds, decoding no more than its first frame: {'kind': 'image'
+  or 'video', 'frames', 'height', 'width'}. Raises BadInput (undecodable, empty,
+  channels) for a file no config could use; the rest are config questions (too short
+  for the clip lengths asked, no caption) left to the pipeline."""
+  try:
+    if data[:8].startswith(IMAGE_MAGIC):
+      height, width = read_image(data).shape[1:3]
+      return dict(kind="image", frames=1, height=height, width=width)
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+      if not container.streams.video:
+        raise BadInput("empty", "no video stream")
+      stream = container.streams.video[0]
+      _check_format(stream)
+      if next(iter(container.decode(stream)), None) is None:
+        raise BadInput("empty", "no frames")
+      return dict(kind="video", frames=stream.frames or _count_frames(data), height=stream.codec_context.height,
+                  width=stream.codec_context.width)
+  except BadInput:
+    raise
+  except Exception as e:  # noqa: BLE001 - whatever the decoders raise, the file is unreadable
+    raise BadInput("undecodable", f"{type(e).__name__}: {e}") from None
+
+
 def read_video(data: bytes, choose, frame_size) -> np.ndarray:
   """Encoded video -> uint8 [T, H, W, 3]. `choose(count, native_fps)` gives the frame
   indices, `frame_size(h, w)` the output size; frames are resized while decoding."""
@@ -133,9 +165,7 @@ def read_video(data: bytes, choose, frame_size) -> np.ndarray:
       if not container.streams.video:
         raise BadInput("empty", "no video stream")
       stream = container.streams.video[0]
-      fmt = stream.codec_context.format
-      if fmt is not None and len(fmt.components) < 3 and not fmt.name.startswith("pal"):
-        raise BadInput("channels", f"pixel format {fmt.name}")
+      _check_format(stream)
       if count is None:
         count = stream.frames or _count_frames(data)
       native = float(stream.average_rate or stream.guessed_rate or DEFAULT_FPS)
