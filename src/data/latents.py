@@ -97,3 +97,34 @@ class LatentSource:
     if "text" in record:
       out["text"] = record["text"]
     return out
+
+
+VAE_ARCHITECTURE = ("in_channels", "base_dim", "z_dim", "dim_mult", "num_res_blocks", "temporal_downsample",
+                    "latents_mean", "latents_std")
+
+
+def cache_mismatch(path: str | Path, cfg) -> str | None:
+  """Why the latent cache at `path` does not fit the run `cfg` (a Config), or None (also
+  when there is no cache yet: the source says so). The latent channels must be the
+  DiT's; with vae.enabled the run's VAE must be the one that encoded the cache (it
+  decodes the samples, and data sizes are its pixels); umT5 caption embeddings must be
+  of the run's width."""
+  meta_path = Path(path) / METADATA
+  if not meta_path.is_file():
+    return None
+  meta, m = json.loads(meta_path.read_text()), cfg.model
+  if meta.get("z_dim") != m.in_channels:
+    return f"the latent cache {path} holds {meta.get('z_dim')}-channel latents but model.in_channels={m.in_channels}"
+  if cfg.vae.enabled and "vae" in meta:
+    theirs, ours = meta["vae"], vars(cfg.vae)
+    keys = [k for k in VAE_ARCHITECTURE if k in theirs and list(np.ravel(theirs[k])) != list(np.ravel(ours[k]))]
+    if keys:
+      return (f"the latent cache {path} was encoded with another VAE than this run's: "
+              + ", ".join(f"vae.{k}={theirs[k]} there, {ours[k]} here" for k in keys)
+              + " (set the cache's vae.* keys and its vae.checkpoint)")
+  text = (meta.get("text_encoder"), meta.get("cond_dim"))
+  if m.cond_dim and m.text_encoder == "umt5" and text != ("umt5", m.cond_dim):
+    return (f"model.text_encoder=umt5 with model.cond_dim={m.cond_dim}, but the latent cache {path} holds "
+            f"{meta.get('text_encoder')} captions of width {meta.get('cond_dim')}: encode it with the run's text keys")
+  return None
+

@@ -14,6 +14,7 @@ from src.batch import ClipBatch, Packing, PackedBatch, captions_as_ids
 from src.captions import drop_captions, encode_captions, tokenizer_dir
 from src.config import ConfigError
 from src.data.clips import make_clip_iterator
+from src.data.latents import cache_mismatch
 from src.data.pipeline import make_iterator
 from src.data.sources import clip_source
 from src.generate import Sampler, Spec
@@ -52,6 +53,10 @@ class DiTTask(Task):
       self._check_pixels()
     else:
       self._check_latents(d.channels, (d.frames, d.height, d.width), (max(d.frame_counts or [d.frames]), d.area))
+    if d.source == "latents" and d.data_dir:
+      error = cache_mismatch(d.data_dir, self.cfg)
+      if error:
+        raise ConfigError(error + ".")
 
   def _check_pixels(self) -> None:
     """The data keys as pixel sizes the VAE encodes (the fixed shape only when data.area is 0)."""
