@@ -1,12 +1,14 @@
 """What the training loop does around the step, as small objects it calls after each
-step: metrics to the console, `metrics.jsonl` and TensorBoard (`MetricsWriter`,
+step: metrics to the console, `metrics.jsonl`, TensorBoard and W&B (`MetricsWriter`,
 `StepMeter`), the validation loss (`Evaluator`), periodic samples (the task's sampler,
 written by `MetricsWriter`), and checkpoints with preemption and time slices (`Saver`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import secrets
 import signal
 import sys
 import tempfile
@@ -70,13 +72,43 @@ class Progress:
       self.shown = False
 
 
-class MetricsWriter:
-  """Console, `metrics.jsonl` and TensorBoard; only process 0 writes files."""
+WANDB_ID = "wandb_id"  # in the workdir: the W&B run a resumed run continues
 
-  def __init__(self, workdir, tensorboard: bool, first_step: int = 0, progress: Progress | None = None):
+
+def check_wandb(t: TrainConfig) -> None:
+  """Before anything starts: train.wandb needs the package (the `wandb` extra)."""
+  if t.wandb and importlib.util.find_spec("wandb") is None:
+    raise ValueError(f"train.wandb={t.wandb!r} needs the wandb package: pip install -e '.[wandb]' (or set "
+                     "train.wandb='' to log to metrics.jsonl and TensorBoard only)")
+
+
+def open_wandb(t: TrainConfig, workdir, config: dict):
+  """The W&B run of this workdir: a new id on the first start (saved as WANDB_ID), the
+  same run on every resume. Files go under {workdir}/wandb (a gs:// workdir: ./wandb,
+  as W&B writes locally); offline mode keeps them there for `wandb sync`."""
+  import wandb
+
+  id_file = workdir / WANDB_ID
+  run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
+  id_file.write_text(run_id + "\n")
+  local = not str(workdir).startswith("gs://")
+  where = Path(str(workdir)) if local else Path.cwd()
+  run = wandb.init(project=t.wandb, mode=t.wandb_mode, dir=str(where), id=run_id, resume="allow",
+                   name=Path(str(workdir)).name, config=config)
+  sync = f"; sync later with: wandb sync {where / 'wandb'}/offline-run-*-{run_id}" if t.wandb_mode == "offline" else ""
+  log.info("W&B: project %s, run %s (%s)%s", t.wandb, run_id, t.wandb_mode, sync)
+  return run
+
+
+class MetricsWriter:
+  """Console, `metrics.jsonl`, TensorBoard and (with train.wandb) Weights & Biases;
+  only process 0 writes."""
+
+  def __init__(self, workdir, tensorboard: bool, first_step: int = 0, progress: Progress | None = None,
+               wandb_run=None):
     self.primary, self.progress = jax.process_index() == 0, progress
     self.jsonl = storage.JsonLines(workdir, first_step) if self.primary else None
-    self.tb = None
+    self.tb, self.wandb = None, wandb_run if self.primary else None
     if tensorboard and self.primary:
       from tensorboardX import SummaryWriter
 
@@ -96,6 +128,8 @@ class MetricsWriter:
     if self.tb:
       for k, v in metrics.items():
         self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    if self.wandb:
+      self.wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
 
   def write_samples(self, step: int, workdir, videos: list, weights: str = "ema") -> None:
     """`samples/step_NNNNNNN-{weights}.png` (the grid) and one GIF per sample: the name says which weights."""
@@ -110,6 +144,10 @@ class MetricsWriter:
       storage.copy_tree(tmp, out)
     if self.tb:
       self.tb.add_image(f"samples/{weights}", image, step, dataformats="HWC")
+    if self.wandb:
+      import wandb
+
+      self.wandb.log({f"samples/{weights}": wandb.Image(image)}, step=step)
     log.info("samples (%s weights): wrote %s", weights.upper() if weights == "ema" else weights, out / f"{name}.png")
 
   def close(self, strict: bool = True) -> None:
@@ -120,6 +158,8 @@ class MetricsWriter:
         self.jsonl.close()
       if self.tb:
         self.tb.close()
+      if self.wandb:
+        self.wandb.finish(exit_code=0 if strict else 1)
     except OSError:
       if strict:
         raise

@@ -302,6 +302,10 @@ class TrainConfig:
   async_checkpoint: bool = True  # write checkpoints in the background while training continues
   compile_cache: str = "auto"  # persistent XLA cache dir: auto = {workdir}/compile_cache off CPU, "" = off
   tensorboard: bool = True  # write TensorBoard events under {workdir}/tensorboard
+  # Weights & Biases project for the metrics, samples and config ("": off; needs the `wandb` extra). The W&B run
+  # id is saved in {workdir}/wandb_id, so a resumed run continues its W&B run.
+  wandb: str = ""
+  wandb_mode: Literal["online", "offline"] = "online"  # offline: the W&B run stays in {workdir}/wandb for `wandb sync`
   # Samples during training (0: never): PNG grid + GIFs under {workdir}/samples/ and
   # TensorBoard, from sample_weights, for the first sample_count held-out examples.
   sample_every: int = 0

@@ -32,6 +32,7 @@ log = logging.getLogger("src.train")
 def train(cfg: Config) -> dict:
   """Train to `cfg.train.steps`, resuming from the newest checkpoint. Returns the last logged metrics."""
   task = tasks.make_task(cfg)
+  hooks.check_wandb(cfg.train)
   mesh_lib.initialize_distributed(cfg.mesh)
   workdir = storage.run_path(cfg.workdir)  # local, or gs://... (etils.epath)
   check_writable(workdir)
@@ -57,7 +58,8 @@ def run(cfg: Config, task, workdir, ckpt: Checkpointer) -> dict:
   step_fn = timed_compile(cache, task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   start, t = int(state.step), cfg.train
   progress = hooks.Progress(start, t.steps)
-  writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start, progress), hooks.StepMeter()
+  wandb_run = hooks.open_wandb(t, workdir, config_lib.to_dict(cfg)) if t.wandb and jax.process_index() == 0 else None
+  writer, meter = hooks.MetricsWriter(workdir, t.tensorboard, start, progress, wandb_run), hooks.StepMeter()
   evaluator = hooks.Evaluator(task, mesh, rules, graphdef, frozen) if t.eval_every else None
   sampler = task.make_sampler(graphdef, task.with_decoder(frozen, mesh), t.sample_count) if t.sample_every else None
   saver, last = hooks.Saver(ckpt, data, config_lib.to_dict(cfg), t, start), {}

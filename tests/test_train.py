@@ -274,3 +274,36 @@ def test_progress_shows_step_of_total_rate_and_eta():
   piped = io.StringIO()
   hooks.Progress(0, 10, piped).tick(10)  # not a terminal: the log lines carry the progress, nothing is drawn
   assert piped.getvalue() == ""
+
+
+def test_weights_and_biases_offline_logs_metrics_samples_and_continues_on_resume(tmp_path, monkeypatch):
+  """train.wandb with wandb_mode=offline: the W&B run under {workdir}/wandb holds the
+  metrics and the sample grid; a resumed run continues the same W&B run id."""
+  pytest.importorskip("wandb")  # the project's `wandb` extra
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))  # nothing written outside the test's files
+  wandb_keys = ["train.wandb=spacetime-test", "train.wandb_mode=offline", "train.sample_every=4",
+                "train.sample_steps=2", "train.sample_count=2"]
+  train(tiny(tmp_path, "train.steps=4", *wandb_keys))
+  run_id = (tmp_path / "wandb_id").read_text().strip()
+  runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+  assert len(runs) == 1
+  events = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+  first_loss = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+  assert b"train/loss" in events and repr(first_loss)[:6].encode() in events  # the logged values
+  assert list((runs[0] / "files" / "media" / "images").rglob("ema_*.png"))  # the sample grid
+  train(tiny(tmp_path, "train.steps=6", *wandb_keys))  # resumed: the same W&B run, continued
+  assert (tmp_path / "wandb_id").read_text().strip() == run_id
+  assert len(list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+
+
+def test_weights_and_biases_without_the_package_is_an_error_before_anything_starts(tmp_path, monkeypatch, capsys):
+  import importlib.util
+
+  from src.train import main
+
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+  assert main([*TINY, f"workdir={tmp_path}", "train.wandb=proj"]) == 2
+  assert "pip install -e '.[wandb]'" in capsys.readouterr().err
+  assert not (tmp_path / "checkpoints").exists()
