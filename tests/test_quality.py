@@ -22,6 +22,24 @@ def held_out(n=120, overrides=()):
   return [e["video"] for e in examples], [Ask.of(e["label"], e["caption"]) for e in examples]
 
 
+def test_the_readme_sampling_examples_ask_for_one_thing():
+  """Each README sampling example's class label and caption name the same shape and colour."""
+  import re
+  import shlex
+
+  readme = (ROOT / "README.md").read_text()
+  pairs = []
+  for line in readme.splitlines():
+    if line.startswith("python -m src.sample --workdir runs/smoke") and "--label" in line:
+      words = shlex.split(line)
+      pairs.append((int(words[words.index("--label") + 1]), words[words.index("--prompt") + 1]))
+  pairs += [(int(label), caption) for label, caption in re.findall(r'Spec\(\([^)]*\), (\d+), "([^"]+)"\)', readme)]
+  assert len(pairs) >= 3, pairs
+  for label, caption in pairs:
+    from_caption, from_label = Ask.of(-1, caption), Ask.of(label, None)
+    assert from_caption and (from_caption.kind, from_caption.colour) == (from_label.kind, from_label.colour), caption
+
+
 def test_asks_come_from_captions_or_labels():
   assert Ask.of(-1, "two green diamonds moving up") == Ask("diamond", "green", "up")
   assert Ask.of(1, None) == Ask("disc", "red") and Ask.of(-1, None) is None
