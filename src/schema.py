@@ -256,12 +256,13 @@ class DataConfig:
   seq_len: int = 0  # row length L in tokens; 0: exactly one example of the configured shape
   max_segments: int = 8  # K: most examples one row holds
   # Mixed shapes (NaViT-style packing). area > 0: every example draws its own
-  # (T, H, W): H*W <= area latent pixels at one of the aspect ratios (W/H), T from
-  # frame_counts, or a 1-frame image with probability image_fraction.
+  # (T, H, W): H*W <= area (pixels with a VAE, else latents) at one of the aspect ratios
+  # (W/H), T from frame_counts, or a 1-frame image with probability image_fraction.
   area: int = 0
   # area > 0: the aspect ratios (W/H) examples draw from
   aspect_ratios: List[float] = field(default_factory=lambda: [9 / 16, 3 / 4, 1.0, 4 / 3, 16 / 9])
-  frame_counts: List[int] = field(default_factory=list)  # empty: `frames` for every clip
+  # clip lengths to draw from (video frames, 1 + 4k, with a VAE; else latent frames); empty: `frames` for every clip
+  frame_counts: List[int] = field(default_factory=list)
   image_fraction: float = 0.0  # area > 0: probability an example is a 1-frame image
   # Packing: best-fit-decreasing over a buffer of examples holding pack_buffer
   # batches' worth of tokens; an example that waited pack_max_wait batches goes first.

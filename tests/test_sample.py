@@ -13,6 +13,7 @@ from src import config as C
 from src.data.sources import make_source, value_histogram
 from src.models.dit import DiT
 from src.generate import Spec, generate, pack_specs
+from src.quality import Ask, judge, pass_fraction
 from src.runs import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_samples_resemble_the_data_after_a_smoke_run(tmp_path):
 
   cfg, graphdef, params = load_run(tmp_path)
   source = make_source(cfg.data, cfg.seed, spatial_multiple=2, split="validation")
-  real = [source[i] for i in range(8)]
+  real = [source[i] for i in range(16)]
   specs = [Spec(tuple(ex["video"].shape[:3]), ex["label"], ex["caption"]) for ex in real]
   samples = generate(graphdef, params, cfg, specs, steps=25, guidance=3.0, seed=1)
   noise = [np.random.default_rng(i).standard_normal(v.shape) for i, v in enumerate(samples)]
@@ -89,6 +90,12 @@ def test_samples_resemble_the_data_after_a_smoke_run(tmp_path):
   d_samples = np.abs(value_histogram(samples) - data_hist).sum()
   d_noise = np.abs(value_histogram(noise) - data_hist).sum()
   assert d_samples < 0.5 * d_noise, (d_samples, d_noise)
+  # What each sample was asked for (src.quality): the asked colour and shape, and motion where it can be seen.
+  asks = [Ask.of(ex["label"], ex["caption"]) for ex in real]
+  passed, judged = pass_fraction(samples, asks), [judge(v, a) for v, a in zip(samples, asks)]
+  colour = np.mean([j["colour_error"] < 0.45 for j in judged])
+  print(f"sample_pass {passed:.2f}, colour {colour:.2f}; noise {pass_fraction(noise, asks):.2f}")
+  assert passed >= 0.25 and colour >= 0.75 and pass_fraction(noise, asks) == 0.0, (passed, colour)
 
   out = tmp_path / "cli" / "s.gif"
   r = subprocess.run([sys.executable, "-m", "src.sample", "--workdir", str(tmp_path), "--label", "1", "--prompt",
