@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-av = pytest.importorskip("av")  # the project's `video` extra
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-from src import config as C  # noqa: E402
+from src import config as C
 
 # Tiny stand-ins for the presets' sizes; the same list for every stage.
 TINY_VAE = ["vae.base_dim=8", "vae.z_dim=4", "vae.dim_mult=[1,2,2,2]", "vae.num_res_blocks=1"]
@@ -34,6 +33,7 @@ IMAGES = {"still.png": (30, 20), "photo.jpg": (24, 36)}
 
 def write_clip(path, frames, height, width, fps):
   """A bright square moving right over a dark background."""
+  import av
   fmt, codec, pix = {".mp4": ("mp4", "libx264", "yuv420p"), ".webm": ("webm", "libvpx-vp9", "yuv420p"),
                      ".gif": ("gif", "gif", "rgb8")}[path.suffix]
   with av.open(str(path), "w", format=fmt) as container:
@@ -92,6 +92,7 @@ def documented_commands() -> list[list[str]]:
 @pytest.mark.slow
 def test_a_folder_of_own_videos_to_sampled_videos(tmp_path, capsys):
   """docs/data.md's commands, as written there plus the tiny sizes, on a generated folder."""
+  pytest.importorskip("av")  # the project's `video` extra
   from src.data import build
   from src.data.latents import LatentSource
   from src.encode import main as encode_main

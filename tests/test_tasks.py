@@ -256,3 +256,36 @@ def test_a_failed_encode_leaves_no_cache_and_an_existing_one_is_kept(tmp_path):
   assert len(LatentSource(tmp_path / "cache")) == 1
   with pytest.raises(FileExistsError, match="already holds a latent cache"):
     LatentWriter(tmp_path / "cache")
+
+
+def test_a_latent_cache_that_does_not_fit_the_run_is_refused_naming_the_keys(tmp_path):
+  """DiTTask.check reads the cache's metadata.json: the latent width, the VAE that
+  encoded it (with vae.enabled) and the umT5 width must be the run's."""
+  from src.data.latents import METADATA
+
+  (tmp_path / METADATA).write_text(json.dumps(dict(z_dim=4, text_encoder="precomputed", cond_dim=8,
+                                                   vae=C.to_dict(C.load(None, TINY_VAE))["vae"])))
+  run = ["data.source=latents", f"data.data_dir={tmp_path}", "model.variant=tiny", "model.patch=[1,1,1]",
+         "data.seq_len=64", "data.area=16", "data.frame_counts=[1,2]"]
+  make_task(C.load(None, run + ["model.in_channels=4", "data.channels=4"]))  # fits: no error
+  with pytest.raises(C.ConfigError, match="holds 4-channel latents but model.in_channels=16"):
+    make_task(C.load(None, run + ["model.in_channels=16", "data.channels=16"]))
+  pixels = TINY_VAE + ["vae.enabled=true", "model.in_channels=4", "data.area=1024", "data.frame_counts=[1,5]"]
+  make_task(C.load(None, run + pixels))  # the same VAE: fits
+  with pytest.raises(C.ConfigError, match=r"vae.num_res_blocks=1 there, 2 here"):
+    make_task(C.load(None, run + pixels + ["vae.num_res_blocks=2"]))
+
+
+def test_a_latent_cache_of_other_captions_than_umt5_ones_is_refused(tmp_path, tiny_umt5):
+  from src.data.latents import METADATA
+  from src.text_encoder import read_umt5_config
+
+  width = read_umt5_config(str(tiny_umt5)).d_model
+  run = ["data.source=latents", f"data.data_dir={tmp_path}", "model.variant=tiny", "model.in_channels=4",
+         "data.channels=4", "model.text_encoder=umt5", f"model.cond_dim={width}", f"text.checkpoint={tiny_umt5}"]
+  (tmp_path / METADATA).write_text(json.dumps(dict(z_dim=4, text_encoder="umt5", cond_dim=width)))
+  make_task(C.load(None, run))  # umT5 embeddings of the run's width: fits
+  (tmp_path / METADATA).write_text(json.dumps(dict(z_dim=4, text_encoder="precomputed", cond_dim=width)))
+  with pytest.raises(C.ConfigError, match=f"holds precomputed captions of width {width}"):
+    make_task(C.load(None, run))
+

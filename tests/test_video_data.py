@@ -232,7 +232,7 @@ def test_the_build_leaves_out_unreadable_files_and_reports_each_split(tmp_path, 
                          "--out", str(tmp_path / "out"), "--val_count", "3"]) == 0
   unreadable = {n: r for n, r in BAD.items() if r in ("undecodable", "empty", "channels")}
   report = json.loads(next((tmp_path / "out").rglob(build_lib.REPORT)).read_text())
-  assert {n: why.split(":")[0] for n, why in report["skipped"].items()} == unreadable
+  assert {n: why["reason"] for n, why in report["skipped"].items()} == unreadable
   train, val = folder_source(str(tmp_path / "out"), "train"), folder_source(str(tmp_path / "out"), "validation")
   kept = set(_names(train, len(train)) + _names(val, len(val)))
   assert kept == set(GOOD) | set(BAD) - set(unreadable) and len(val) == report["validation"]["files"] == 3
@@ -333,7 +333,8 @@ def test_resume_is_exact_with_worker_processes(folder):
 def test_nothing_usable_fails_at_start_up(tmp_path):
   bad = {n: BAD[n] for n in ("noise.webm", "grey.png", "empty.mp4")}
   write_folder(tmp_path / "src", good={}, bad=bad)
-  with pytest.raises(ValueError, match=r"none of the 3 media files .* can be read: channels 1, empty 1, undecodable 1"):
+  every_reason = r"channels 1 \(grey.png\); empty 1 \(empty.mp4\); undecodable 1 \(noise.webm\)"
+  with pytest.raises(ValueError, match=r"none of the 3 media files .* can be read: " + every_reason):
     build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"))
   build_lib.build(str(tmp_path / "src"), str(tmp_path / "src" / "captions.jsonl"), str(tmp_path / "out"), probe=False)
   with pytest.raises(ValueError, match=r"none of the first 8 records is usable .*'undecodable'"):

@@ -128,9 +128,12 @@ def probe_entries(src: Path, entries: list[tuple[str, dict]]) -> tuple[dict[str,
   return infos, bad
 
 
-def _reasons(bad: dict[str, BadInput]) -> str:
-  counts = collections.Counter(e.reason for e in bad.values())
-  return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+def _by_reason(skipped: dict[str, dict]) -> str:
+  """'channels 1 (grey.png); undecodable 2 (a.mp4, b.webm)' of REPORT's `skipped`."""
+  names = collections.defaultdict(list)
+  for name, why in sorted(skipped.items()):
+    names[why["reason"]].append(name)
+  return "; ".join(f"{reason} {len(n)} ({', '.join(n)})" for reason, n in sorted(names.items()))
 
 
 def split_report(entries: list[tuple[str, dict]], infos: dict[str, dict]) -> dict:
@@ -155,13 +158,8 @@ def log_report(report: dict) -> None:
       log.info("%s: %d files (%d videos, %d images)%s; %d without a caption%s", split, r["files"], r["videos"],
                r["images"], ranges, len(r["uncaptioned"]),
                " (skipped in training while data.require_caption=true)" if r["uncaptioned"] else "")
-  skipped = report.get("skipped", {})
-  if skipped:
-    why = collections.defaultdict(list)
-    for name, detail in skipped.items():
-      why[detail.split(":")[0]].append(name)
-    log.warning("left out %d unreadable file(s): %s", len(skipped),
-                "; ".join(f"{reason} {len(names)} ({', '.join(names)})" for reason, names in sorted(why.items())))
+  if report.get("skipped"):
+    log.warning("left out %d unreadable file(s): %s", len(report["skipped"]), _by_reason(report["skipped"]))
   if report.get("skipped_caption_rows"):
     log.warning("%d bad captions row(s) skipped (--strict makes them an error)", len(report["skipped_caption_rows"]))
 
@@ -204,14 +202,15 @@ class FolderVideos(tfds.core.GeneratorBasedBuilder):
     if not entries:
       raise ValueError(f"no media files ({', '.join(MEDIA_SUFFIXES)}) in {src}")
     infos, bad = probe_entries(src, entries) if self._probe else ({}, {})
+    bad = {name: {"reason": e.reason, "detail": e.detail} for name, e in bad.items()}
     entries = [e for e in entries if e[0] not in bad]
     if not entries:
-      raise ValueError(f"none of the {len(bad)} media files in {src} can be read: {_reasons(bad)}")
+      raise ValueError(f"none of the {len(bad)} media files in {src} can be read: {_by_reason(bad)}")
     held = set(sorted((name for name, _ in entries), key=_held_out)[:self._val_count])
     parts = {"train": [e for e in entries if e[0] not in held], "validation": [e for e in entries if e[0] in held]}
     parts = {split: part for split, part in parts.items() if part}
     self.report = {split: split_report(part, infos) for split, part in parts.items()}
-    self.report["skipped"] = {name: f"{e.reason}: {e.detail}" for name, e in sorted(bad.items())}
+    self.report["skipped"] = dict(sorted(bad.items()))
     self.report["skipped_caption_rows"] = skipped
     return {split: self._generate_examples(src, part) for split, part in parts.items()}
 
