@@ -34,7 +34,9 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
+from src import comms
 from src import config as config_lib
+from src import hlo
 from src import mesh as mesh_lib
 from src import optim
 from src.config import Config
@@ -51,11 +53,12 @@ GIB = 2**30
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 # Peak dense bf16 matmul throughput per chip, TFLOP/s (Cloud TPU system architecture pages).
 PEAK_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
+# HBM bandwidth per chip, GB/s (Cloud TPU system architecture pages).
+HBM_GBPS = {"v4": 1228, "v5e": 819, "v5p": 2765, "v6e": 1640}
 # v4 and v5p names count TensorCores (two per chip, one megacore device); v5e and
 # v6e names count chips.
 CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}
 GENERATION_ALIASES = {"v5litepod": "v5e", "v5lite": "v5e"}
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # Slices of this many chips or more are full tori on v4/v5p (wraparound links).
 TORUS_MIN_CHIPS = 64
 
@@ -131,16 +134,6 @@ def batch_shapes(batch) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(path, simple=True, separator="."): list(x.shape[1:]) for path, x in flat}
 
 
-def count_collectives(hlo_text: str) -> dict[str, int]:
-  """Collective instructions in optimised HLO (async pairs counted once, loop bodies once)."""
-  return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo_text)) for op in COLLECTIVES}
-
-
-def count_mosaic_kernels(hlo_text: str) -> int:
-  """Pallas/Mosaic kernels (splash attention) in optimised TPU HLO: their custom calls."""
-  return len(re.findall(r'custom_call_target="tpu_custom_call"', hlo_text))
-
-
 def memory_report(compiled, hbm_bytes: int) -> dict:
   """Per chip, from `compiled.memory_analysis()`. `total` adds the parts, which can exceed what the
   TPU compiler's buffer assignment packs (docs/pod.md); `host_*` are what a remat policy offloads
@@ -182,33 +175,36 @@ def lower_step(task, mesh: Mesh, rules):
   step = jit_step(task, mesh, rules, graphdef, state, optimizer, schedule, frozen)
   # Kernels traced for the mesh's platform (splash is Mosaic on TPU, interpreted on CPU).
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules), compiling_for(mesh.devices.flat[0].platform):
-    return step.lower(state, task.batch_shapes(), frozen), state
+    return step.lower(state, task.batch_shapes(), frozen), state, frozen
 
 
-def step_flops(task, rules, compiled, chips: int) -> float:
-  """FLOPs of one step on all chips. XLA's cost analysis counts a loop body once, so
-  a scanned model is costed from its unrolled twin, lowered (not compiled) for one CPU
-  device: the global program, every layer counted."""
+def step_flops(task, rules, compiled, chips: int, recompute: bool = True) -> float:
+  """FLOPs of one step on all chips; without `recompute`, the model's FLOPs (no rematerialised
+  forward: what MFU divides by). XLA's cost analysis counts a loop body once, so a scanned model
+  (and the model without remat) is costed from its unrolled twin, lowered (not compiled) for one
+  CPU device: the global program, every layer counted."""
   cfg = task.cfg
-  if not task.scans_layers:
+  if recompute and not task.scans_layers:
     return flops(compiled.cost_analysis()) * chips
   one = config_lib.MeshConfig(data=1, fsdp=1, sequence=1, tensor=1)
   # XLA attention in the twin: the same attention FLOPs as a one-clip row, where an
   # interpreted splash kernel's loops would be costed once.
-  unrolled = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False, attention="xla"),
-                                 mesh=one)
+  model = dataclasses.replace(cfg.model, scan_layers=False, attention="xla", remat=cfg.model.remat if recompute
+                              else "none")
   cpu = mesh_lib.make_mesh(one, jax.devices("cpu")[:1])
-  return flops(lower_step(make_task(unrolled), cpu, rules)[0].cost_analysis())
+  return flops(lower_step(make_task(dataclasses.replace(cfg, model=model, mesh=one)), cpu, rules)[0].cost_analysis())
 
 
-def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_chip: float) -> dict:
+def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_chip: float,
+                 model_flops_per_chip: float) -> dict:
   """XLA's time of a step on one chip with every layer counted, plus what it cannot cost. A scanned
   model's body is costed once, so the step is also compiled unrolled with 2 and 3 layers (or all of
   them, if no more) for the same chips and XLA's `optimal_seconds` extrapolated linearly to the
   depth (a 1-layer program can be compiled differently: measured). What XLA leaves out, the Mosaic
   kernels (splash) and the bodies after the first of loops it builds itself (collective matmuls),
   is added as its FLOPs (`flops_per_chip`, the twin's count, minus XLA's) at the chip's bf16 peak:
-  a lower bound, as XLA's own figure is."""
+  a lower bound, as XLA's own figure is. `mfu`: the model's FLOPs (no recomputation) over that
+  time at the chip's peak, an upper bound on the MFU a run can reach."""
   cost = [xla_cost(compiled)]
   if task.scans_layers:
     cfg, depth = task.cfg, dimensions(task.cfg.model)[0]
@@ -217,10 +213,15 @@ def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_ch
     cost = [xla_cost(lower_step(unrolled(d), mesh, rules)[0].compile()) for d in ((2, 3) if depth > 3 else (depth,))]
     if len(cost) == 2:
       cost = [{k: v + (depth - 2) * (cost[1][k] - v) for k, v in cost[0].items()}]
+  peak = PEAK_TFLOPS[topo.generation] * 1e12
   kernel_flops = max(flops_per_chip - cost[0]["flops"], 0.0)
-  kernels = kernel_flops / (PEAK_TFLOPS[topo.generation] * 1e12)
-  return dict(xla=cost[0]["optimal_seconds"], kernels_at_peak=kernels, total=cost[0]["optimal_seconds"] + kernels,
-              xla_flops_per_chip=cost[0]["flops"], kernel_flops_per_chip=kernel_flops)
+  total = cost[0]["optimal_seconds"] + kernel_flops / peak
+  # The analysis has no per-op split; the program-wide roofline bounds say which side XLA's ops lean to.
+  return dict(xla=cost[0]["optimal_seconds"], kernels_at_peak=kernel_flops / peak, total=total,
+              xla_flops_per_chip=cost[0]["flops"], kernel_flops_per_chip=kernel_flops,
+              xla_compute_bound=cost[0]["flops"] / peak,
+              xla_memory_bound=cost[0].get("bytes_accessed", 0.0) / (HBM_GBPS[topo.generation] * 1e9),
+              mfu=model_flops_per_chip / total / peak if total else None)
 
 
 def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time: bool = False) -> dict:
@@ -232,7 +233,7 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time
   rules = mesh_lib.make_rules(cfg.mesh.rules)
   task = make_task(cfg)
   batch = task.batch_shapes()
-  lowered, state = lower_step(task, mesh, rules)
+  lowered, state, frozen = lower_step(task, mesh, rules)
   report = dict(topology=f"{topo.generation}-{topo.chips * CORES_PER_CHIP[topo.generation]}", grid=topo.name,
                 slices=slices, chips=len(devices), mesh=dict(mesh.shape), attention=attention, remat=cfg.model.remat,
                 params=sum(x.size for x in jax.tree.leaves(state.params)), batch=cfg.data.batch_size,
@@ -244,12 +245,17 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time
   if compiled is None:
     return report
   total = step_flops(task, rules, compiled, len(devices))
-  hlo = compiled.as_text()
+  text = compiled.as_text()
+  ideal = comms.step_ideal(cfg, state.params, frozen, dict(mesh.shape), cfg.data.batch_size,
+                           report["batch_shapes"].get("packing.segment_ids", [0])[0])
   report = dict(report, **memory_report(compiled, HBM_GIB[topo.generation] * GIB), flops_per_step=total,
-                flops_per_chip=total / len(devices), xla_cost=xla_cost(compiled), collectives=count_collectives(hlo),
-                mosaic_kernels=count_mosaic_kernels(hlo))
+                flops_per_chip=total / len(devices), xla_cost=xla_cost(compiled),
+                collectives=comms.report(text, devices, ideal), mosaic_kernels=hlo.count_mosaic_kernels(text))
+  model_flops = step_flops(task, rules, compiled, len(devices), recompute=False)
+  report["model_flops_per_step"] = model_flops
   if step_time:
-    report["step_seconds"] = step_seconds(task, mesh, rules, compiled, topo, total / len(devices))
+    report["step_seconds"] = step_seconds(task, mesh, rules, compiled, topo, total / len(devices),
+                                          model_flops / len(devices))
   return report
 
 
@@ -288,8 +294,10 @@ def compile_text_encoder(cfg: Config, topo: Topology, slices: int = 1) -> dict:
   if compiled is None:
     return report
   total = umt5_flops(umt5, rows, length)
+  ideal = comms.parameter_ideal(params, dict(mesh.shape), jnp.dtype(cfg.text.dtype).itemsize, trained=False,
+                                gathers=1)
   return dict(report, **memory_report(compiled, HBM_GIB[topo.generation] * GIB), flops_per_step=total,
-              flops_per_chip=total / len(devices), collectives=count_collectives(compiled.as_text()))
+              flops_per_chip=total / len(devices), collectives=comms.report(compiled.as_text(), devices, ideal))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -8,11 +8,13 @@ CPU, a GPU node and a TPU pod. Model code names only logical axes (`embed`, `mlp
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 from jax.experimental import mesh_utils
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 BATCH_AXES = ("data", "fsdp")
+TOKEN_AXES = ("data", "fsdp", "sequence")  # a step's tokens are split over these: FSDP gathers over them
 
 # Logical name -> mesh axis (or axes, or None = replicated).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -119,6 +122,47 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   if mesh.empty or not current_rules():
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def gather_for_use(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """A parameter (in its compute dtype), with logical axis `names`, gathered over the mesh axes a
+  step's tokens are split over (FSDP's all-gather, made explicit) and still split over the others
+  (tensor). Its gradient is constrained back to the parameter's own sharding where it is made, so
+  the partial sums of the devices' tokens are reduce-scattered there. Without this, XLA on TPU
+  gathered a scanned layer's attention weights twice in the backward (for the recomputed forward
+  and again for the gradient's matmuls) and all-reduced whole gradients of the weights split on
+  their output axis, slicing the shard out afterwards (docs/pod.md). A no-op outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not current_rules():
+    return x
+  spec = logical_to_spec(names)
+  keep = lambda e: tuple(a for a in ((e,) if isinstance(e, str) else (e or ())) if a not in TOKEN_AXES)
+  kept = P(*[(k[0] if len(k) == 1 else k) if k else None for k in map(keep, spec)])
+  return x if kept == spec else _gathered(x, spec, kept)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _gathered(x, sharded: P, gathered: P):
+  return jax.lax.with_sharding_constraint(x, gathered)
+
+
+def _gathered_fwd(x, sharded: P, gathered: P):
+  return _gathered(x, sharded, gathered), None
+
+
+def _gathered_bwd(sharded: P, gathered: P, _, grad):
+  # The TPU compiler fuses an all-reduce and the slice of a shard into a reduce-scatter only when
+  # the shard is cut along the major dimension: a gradient split on another one (an output axis,
+  # as `embed` in fc2 [mlp, embed]) is reduced with that axis moved to the front.
+  axis = next(i for i, (g, s) in enumerate(zip(gathered, sharded)) if g != s)
+  if axis == 0:
+    return (jax.lax.with_sharding_constraint(grad, sharded),)
+  moved = jax.lax.with_sharding_constraint(jnp.moveaxis(grad, axis, 0), P(sharded[axis], *sharded[:axis],
+                                                                            *sharded[axis + 1:]))
+  return (jax.lax.with_sharding_constraint(jnp.moveaxis(moved, 0, axis), sharded),)
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 def axis_sizes(cfg: MeshConfig, num_devices: int) -> tuple[int, ...]:

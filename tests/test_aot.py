@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from src import aot
+from src import aot, hlo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.variant=tiny", "model.depth=6", "data.frames=2", "data.height=8", "data.width=8", "model.cond_dim=16",
@@ -41,23 +42,77 @@ def test_bad_topology_names(name):
 
 
 def test_count_mosaic_kernels():
-  hlo = """
+  hlo_text = """
   %custom-call.7 = bf16[2,128,128]{2,1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call", backend_config={}
   %custom-call.8 = f32[8]{0} custom-call(%c), custom_call_target="Sharding"
   """
-  assert aot.count_mosaic_kernels(hlo) == 1
+  assert hlo.count_mosaic_kernels(hlo_text) == 1
 
 
-def test_count_collectives():
-  hlo = """
-  %all-gather-start.1 = (f32[4], f32[16]) all-gather-start(f32[4] %p), dimensions={0}
-  %all-gather-done.1 = f32[16] all-gather-done((f32[4], f32[16]) %all-gather-start.1)
-  %ar = f32[] all-reduce(f32[] %x), to_apply=%add
-  %rs = f32[2] reduce-scatter(f32[8] %y), dimensions={0}
-  %fusion.3 = f32[8] fusion(f32[8] %all-reduce.2), kind=kLoop
-  """
-  assert aot.count_collectives(hlo) == {"all-reduce": 1, "all-gather": 1, "reduce-scatter": 1, "all-to-all": 0,
-                                        "collective-permute": 0}
+HLO_LOOP = """
+%all-reduce-scatter (input: f32[8,16]) -> f32[2,16] {
+  %input = f32[8,16]{1,0:T(8,128)} parameter(0)
+  %all-reduce.2 = f32[8,16]{1,0:T(8,128)} all-reduce(%input), channel_id=4, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %ds = f32[2,16]{1,0} dynamic-slice(%all-reduce.2, %c, %c), dynamic_slice_sizes={2,16}
+}
+
+%body (p: (s32[], f32[2,16])) -> (s32[], f32[2,16]) {
+  %p = (s32[], f32[2,16]{1,0}) parameter(0)
+  %w = f32[2,16]{1,0} get-tuple-element(%p), index=1
+  %ag = bf16[8,16]{1,0} all-gather(%w16), channel_id=2, replica_groups=[1,4]<=[4], dimensions={0}
+  %w16 = bf16[2,16]{1,0} convert(%w)
+  %f = f32[8,16]{1,0} fusion(%ag), kind=kLoop, calls=%mul
+  %rs = f32[2,16]{1,0} fusion(%f), kind=kCustom, calls=%all-reduce-scatter
+  %a2a = bf16[4,4]{1,0} all-to-all(%x), replica_groups=mesh['a'=2,'b'=2] {'b'}, dimensions={0}
+  %x = bf16[4,4]{1,0} constant({...})
+}
+
+%cond (p: (s32[], f32[2,16])) -> pred[] {
+  %p = (s32[], f32[2,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (w: f32[2,16]) -> f32[2,16] {
+  %w = f32[2,16]{1,0} parameter(0)
+  %zero = s32[] constant(2)
+  %start = s32[] copy(%zero)
+  %t = (s32[], f32[2,16]{1,0}) tuple(%start, %w)
+  %loop = (s32[], f32[2,16]{1,0}) while(%t), condition=%cond, body=%body
+  %cp = f32[2,16]{1,0} collective-permute(%w), channel_id=9, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  ROOT %ar = f32[] all-reduce(%s), replica_groups={}, to_apply=%add
+  %s = f32[] constant(0)
+}
+"""
+
+
+def test_collective_bytes_of_hand_written_hlo():
+  """Each kind's wire bytes per chip, a loop body counted once per trip (from 2 to 7: 5 trips),
+  the fused all-reduce-scatter counted as the reduce-scatter it is, and every replica-group format."""
+  found, unknown = hlo.collectives(HLO_LOOP, devices=4)
+  by_name = {c.name: c for c in found}
+  assert unknown == [] and set(by_name) == {"all-reduce.2", "ag", "a2a", "cp", "ar"}
+  assert by_name["all-reduce.2"].kind == "reduce-scatter" and by_name["all-reduce.2"].times == 5
+  assert by_name["all-reduce.2"].bytes_per_chip == 5 * 8 * 16 * 4 * 3 / 4  # the full gradient, less one shard
+  assert by_name["ag"].group == 4 and by_name["ag"].bytes_per_chip == 5 * 2 * 16 * 2 * 3  # 3 other shards
+  assert by_name["a2a"].group == 2 and by_name["a2a"].bytes_per_chip == 5 * 4 * 4 * 2 / 2
+  assert by_name["cp"].times == 1 and by_name["cp"].bytes_per_chip == 2 * 16 * 4
+  assert by_name["ar"].group == 4 and by_name["ar"].bytes_per_chip == 2 * 4 * 3 / 4  # replica_groups={}: all
+  summary = hlo.summarise(found)
+  assert summary["reduce-scatter"]["count"] == 5 and summary["all-reduce"]["count"] == 1
+
+
+@pytest.mark.parametrize("text, groups", [
+    ("replica_groups={{0,2},{1,3}}", [[0, 2], [1, 3]]),
+    ("replica_groups=[2,2]<=[4]", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0)", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['a'=2,'b'=2] {'a'}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['a'=2,'b'=2] {'a','b'}", [[0, 1, 2, 3]]),
+])
+def test_replica_group_formats(text, groups):
+  inst = hlo.Instruction("x", "f32[4]", "all-reduce", f"%y), {text}, to_apply=%add")
+  assert hlo.group_size_and_groups(inst, 4) == (len(groups[0]), groups)
 
 
 def run_aot(*args: str) -> subprocess.CompletedProcess:
@@ -93,8 +148,11 @@ def test_compiles_a_tiny_model_for_v5e_8():
   # least the blocks' q, k, v, out, fc1, fc2 matmuls, forward and backward, 6 x 12 D^2 x depth per token.
   tokens, width, depth = 8 * 32, 64, 6
   assert r["flops_per_step"] >= 6 * 12 * width**2 * depth * tokens
-  # FSDP gathers parameters; gradients and the loss are reduced across chips.
-  assert r["collectives"]["all-gather"] > 0 and r["collectives"]["all-reduce"] > 0
+  # FSDP gathers parameters and reduces gradients: bytes a chip, next to the ideal for the sharding.
+  c = r["collectives"]
+  assert c["by_kind"]["all-gather"]["ici_gib"] > 0 and c["ideal_gib"]["all-gather"] > 0
+  assert c["by_kind"]["all-gather"]["dcn_gib"] == 0 and c["loops_with_unknown_trip_count"] == []
+  assert 0.5 < c["actual_over_ideal"] < 3
   # The exact model: as many parameters as the trainer would build.
   from src import config as C
   from src.models.dit import DiT
@@ -170,7 +228,9 @@ def test_compiles_the_umt5_text_encoder(tiny_umt5):
   assert r["program"] == "umt5_encode" and r["fits"] and r["captions"] == 8 and r["text_len"] == 64
   assert r["params"] == 56 * 32 + umt5.num_layers * (4 * 32 * 32 + 3 * 32 * 48 + 32 * 4 + 2 * 32) + 32
   assert r["flops_per_step"] == umt5_flops(umt5, 8, 64) > 0
-  assert r["collectives"]["all-gather"] > 0  # fsdp-sharded weights are gathered for the matmuls
+  # fsdp-sharded weights are gathered for the matmuls, once: no gradients
+  assert r["collectives"]["by_kind"]["all-gather"]["ici_gib"] > 0 and r["collectives"]["ideal_gib"]["all-gather"] > 0
+  assert r["collectives"]["ideal_gib"]["reduce-scatter"] == 0
 
 
 # --- Remat policies with host offload, sharding over `sequence`, XLA's cost analysis -----------
@@ -277,3 +337,69 @@ def test_the_tpu_compile_uses_the_attention_and_offload_policies():
   assert keep["mosaic_kernels"] < full["mosaic_kernels"] and keep["flops_per_step"] < full["flops_per_step"]
   assert full["host_temp_gib"] == keep["host_temp_gib"] == 0 < offload["host_temp_gib"]
   assert offload["flops_per_step"] == pytest.approx(keep["flops_per_step"], rel=0.01)  # XLA fuses a little otherwise
+
+
+# --- Collective bytes of real TPU programs (compiled here, for a v5p topology) ---------------
+
+def fsdp_matmul_programs(steps: int):
+  """A float32 weight [1024, 2048] split over 4 v5p chips (FSDP), used in bfloat16 on a batch split
+  the same way; `steps` SGD steps, scanned and unrolled: (scanned HLO, unrolled HLO)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+  mesh = Mesh(aot.topology_devices(aot.parse_topology("v5p-8")), ("fsdp",))
+  w = jax.ShapeDtypeStruct((1024, 2048), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+  x = jax.ShapeDtypeStruct((64, 1024), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
+
+  def sgd(w, x):
+    loss = lambda w: jnp.sum(jnp.tanh(x @ w.astype(jnp.bfloat16).astype(jnp.float32)) ** 2)
+    return w - 0.1 * jax.grad(loss)(w)
+
+  def scanned(w, x):
+    return jax.lax.scan(lambda w, _: (sgd(w, x), None), w, None, length=steps)[0]
+
+  def unrolled(w, x):
+    for _ in range(steps):
+      w = sgd(w, x)
+    return w
+
+  return [jax.jit(f, out_shardings=w.sharding).lower(w, x).compile().as_text() for f in (scanned, unrolled)]
+
+
+@needs_libtpu
+def test_collective_bytes_of_an_fsdp_matmul_on_v5p_and_of_its_loop():
+  """One step: all-gather the bf16 weight (each chip receives the 3 shards it lacks) and
+  reduce-scatter the float32 gradient (TPU's fused all-reduce-scatter, no all-reduce left);
+  5 steps in a scan move exactly what 5 unrolled steps move."""
+  one = hlo.summarise(hlo.collectives(fsdp_matmul_programs(1)[1], devices=4)[0])
+  assert one["all-gather"] == dict(count=1, ici_bytes=1024 * 2048 * 2 * 3 / 4, dcn_bytes=0)
+  assert one["reduce-scatter"] == dict(count=1, ici_bytes=1024 * 2048 * 4 * 3 / 4, dcn_bytes=0)
+  assert one["all-reduce"]["count"] == one["all-to-all"]["count"] == one["collective-permute"]["count"] == 0
+  scanned, unrolled = fsdp_matmul_programs(5)
+  assert " while(" in scanned and " while(" not in unrolled
+  found, unknown = hlo.collectives(scanned, devices=4)
+  assert unknown == [] and hlo.summarise(found) == hlo.summarise(hlo.collectives(unrolled, devices=4)[0])
+  assert hlo.summarise(found)["all-gather"]["count"] == 5
+
+
+def test_the_ideal_volume_of_fsdp_and_data_parallel_parameters():
+  """A [1024, 2048] parameter split 4 ways over fsdp, replicated over 2 data devices, in bf16:
+  gathered twice (forward, backward), its gradient reduce-scattered over fsdp and the shard
+  all-reduced over data; a frozen copy is only gathered; Ulysses over 4 sequence devices."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from src import comms
+
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  w = {"w": jax.ShapeDtypeStruct((1024, 2048), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))}
+  shape = {"data": 2, "fsdp": 4, "sequence": 1, "tensor": 1}
+  shard = 1024 * 2048 / 4 * 2
+  assert comms.parameter_ideal(w, shape, 2, trained=True, gathers=2) == {
+      "all-gather": 2 * shard * 3, "reduce-scatter": shard * 3, "all-reduce": 2 * shard * 1 / 2}
+  assert comms.parameter_ideal(w, shape, 2, trained=False, gathers=1) == {
+      "all-gather": shard * 3, "reduce-scatter": 0, "all-reduce": 0}
+  # 6 all-to-alls (q, k, v, out; cross-attention's q, out) a layer, 3 passes with remat
+  assert comms.ulysses_ideal(1000, 64, 2, 2, 4, remat=True) == 2 * 3 * 6 * 1000 * 64 * 2 * 3 / 4
+  assert comms.ulysses_ideal(1000, 64, 2, 2, 1, remat=True) == 0

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from src.lora import RANK_AXIS, LoRAParam
+from src.mesh import gather_for_use
 
 Names = Sequence[str | None]
 zeros = nnx.initializers.zeros_init()
@@ -87,6 +88,7 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, zeros if zero_init else fan_in_init, in_shape + out_shape, names, decay=True)
     self.bias = param(rngs, zeros, out_shape, names[n_in:]) if use_bias else None
     self.n_in = n_in
+    self.names = tuple(names)
     self.dtype = dtype
     rank, self.lora_scale, self.lora_dropout = lora
     if not rank:
@@ -101,7 +103,7 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """`key`: the adapter's dropout (training only; None: none)."""
     x = x.astype(self.dtype)
-    y = jnp.tensordot(x, self.kernel[...].astype(self.dtype), axes=self.n_in)
+    y = jnp.tensordot(x, gather_for_use(self.kernel[...].astype(self.dtype), self.names), axes=self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
