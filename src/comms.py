@@ -4,10 +4,10 @@ for the sharding in use, per chip and per step. `src.aot` reports both.
 The ideal, from the parameters' shardings (their mesh axes) and the model's sizes, in the compute
 dtype, with the wire costs of `src.hlo` (ring algorithms over a group of g devices):
 
-- a parameter split over batch-like axes (data, fsdp, sequence: those the tokens are split over)
+- a parameter split over token axes (data, fsdp, sequence: those the tokens are split over)
   is all-gathered over them for the forward and again for the backward (FSDP); frozen weights the
   step only runs forward (the text encoder) once;
-- each trained parameter's gradient is reduce-scattered over the batch-like axes it is split over
+- each trained parameter's gradient is reduce-scattered over the token axes it is split over
   and all-reduced over those it is replicated on (plain data parallelism: one all-reduce);
 - Ulysses context parallelism (`mesh.sequence` > 1) moves, per layer and pass, q, k, v to
   head-split and the output back for self-attention, and q and the output for cross-attention
@@ -25,32 +25,27 @@ import jax
 import jax.numpy as jnp
 
 from src import hlo
+from src.mesh import TOKEN_AXES, spec_axes
 from src.models.dit import dimensions
 
-BATCH_AXES = ("data", "fsdp", "sequence")
 GIB = 2**30
-
-
-def _axes(sharding) -> set[str]:
-  spec = getattr(sharding, "spec", ())
-  return {a for entry in spec if entry for a in ((entry,) if isinstance(entry, str) else entry)}
 
 
 def parameter_ideal(params, mesh_shape: dict[str, int], dtype_bytes: float, *, trained: bool, gathers: int) -> dict:
   """Ideal bytes per chip of the parameters `params` (ShapeDtypeStructs with NamedShardings):
-  `gathers` all-gathers over their batch-like sharded axes, and with `trained` their gradients'
+  `gathers` all-gathers over their token sharded axes, and with `trained` their gradients'
   reduction."""
   out = {"all-gather": 0.0, "reduce-scatter": 0.0, "all-reduce": 0.0}
   for x in jax.tree.leaves(params):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       continue
-    used = _axes(x.sharding)
-    g = math.prod(mesh_shape[a] for a in used if a in BATCH_AXES)
-    r = math.prod(mesh_shape[a] for a in BATCH_AXES if a not in used)
+    used = spec_axes(x.sharding.spec)
+    g = math.prod(mesh_shape[a] for a in used if a in TOKEN_AXES)
+    r = math.prod(mesh_shape[a] for a in TOKEN_AXES if a not in used)
     shard = x.size / math.prod(mesh_shape[a] for a in used) * dtype_bytes  # a device's share
     out["all-gather"] += gathers * shard * (g - 1)
     if trained:
-      out["reduce-scatter"] += shard * g * (g - 1) / g
+      out["reduce-scatter"] += shard * (g - 1)  # the whole gradient, g shards, less its own
       out["all-reduce"] += 2 * shard * (r - 1) / r
   return out
 
@@ -96,7 +91,7 @@ def step_ideal(cfg, params, frozen: dict, mesh_shape: dict[str, int], rows: int,
   for part in parts:
     ideal = {k: v + part[k] for k, v in ideal.items()}
   depth, width, _ = dimensions(cfg.model)
-  chips = math.prod(mesh_shape[a] for a in BATCH_AXES)
+  chips = math.prod(mesh_shape[a] for a in TOKEN_AXES)
   ideal["all-to-all"] = ulysses_ideal(rows * tokens_per_row / chips, width, depth, compute,
                                       mesh_shape.get("sequence", 1), cfg.model.remat != "none")
   return ideal

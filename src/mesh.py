@@ -106,9 +106,13 @@ def replicated_axes(mesh: jax.sharding.Mesh, tree) -> list[str]:
   `sequence` under the default rules."""
   used = set()
   for x in jax.tree.leaves(tree):
-    for entry in x.sharding.spec:
-      used.update((entry,) if isinstance(entry, str) else (entry or ()))
+    used |= spec_axes(x.sharding.spec)
   return [a for a in mesh.axis_names if mesh.shape[a] > 1 and a not in used]
+
+
+def spec_axes(spec: P) -> set[str]:
+  """The mesh axes a PartitionSpec splits over."""
+  return {a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))}
 
 
 def current_rules():

@@ -324,6 +324,12 @@ def test_cost_analysis_and_step_time_are_reported():
   assert step["kernels_at_peak"] == pytest.approx(step["kernel_flops_per_chip"] / 459e12)
   assert step["total"] == pytest.approx(step["xla"] + step["kernels_at_peak"])
   assert step["xla_flops_per_chip"] + step["kernel_flops_per_chip"] == pytest.approx(r["flops_per_chip"])
+  # Model FLOPs leave out full remat's recomputed forward (3 forwards' worth of 4); the implied MFU
+  # divides them by the estimate at v5p's peak; the roofline bounds are XLA's FLOPs and bytes.
+  assert 0.6 < r["model_flops_per_step"] / r["flops_per_step"] < 0.85
+  assert step["mfu"] == pytest.approx(r["model_flops_per_step"] / r["chips"] / step["total"] / 459e12)
+  assert step["xla_compute_bound"] == pytest.approx(step["xla_flops_per_chip"] / 459e12)
+  assert step["xla_memory_bound"] > 0
 
 
 @needs_libtpu

@@ -122,13 +122,12 @@ def test_gather_for_use_keeps_values_and_gradients_and_shards_the_gradient():
   x = jax.random.normal(jax.random.key(1), (8, 16))
   plain = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) ** 2))(w)
   for names in (("embed", "mlp"), ("mlp", "embed")):
-    ww = w if names[0] == "embed" else w.T.reshape(24, 16)
-    xx = x if names[0] == "embed" else x
+    ww = w if names[0] == "embed" else w.T  # stored [24, 16] and used transposed: split on its minor axis
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
       spec = mesh_lib.logical_to_spec(names)
       ws = jax.device_put(ww, jax.sharding.NamedSharding(mesh, spec))
       use = (lambda w: w) if names[0] == "embed" else (lambda w: w.T)
-      loss = lambda w: jnp.sum(jnp.tanh(xx @ use(mesh_lib.gather_for_use(w, names))) ** 2)
+      loss = lambda w: jnp.sum(jnp.tanh(x @ use(mesh_lib.gather_for_use(w, names))) ** 2)
       grad = jax.jit(jax.grad(loss))(ws)
     want = plain if names[0] == "embed" else plain.T
     np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-5, atol=1e-6)
