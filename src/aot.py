@@ -34,7 +34,7 @@ from flax import nnx
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
-from src import comms
+from src import comms, executables
 from src import config as config_lib
 from src import hlo
 from src import mesh as mesh_lib
@@ -187,10 +187,11 @@ def step_flops(task, rules, compiled, chips: int, recompute: bool = True) -> flo
   if recompute and not task.scans_layers:
     return flops(compiled.cost_analysis()) * chips
   one = config_lib.MeshConfig(data=1, fsdp=1, sequence=1, tensor=1)
-  # XLA attention in the twin: the same attention FLOPs as a one-clip row, where an
-  # interpreted splash kernel's loops would be costed once.
+  # XLA attention without context parallelism in the twin: the same attention FLOPs as a
+  # one-clip row, where an interpreted splash kernel's loops (or ring attention's tile loops)
+  # would be costed once.
   model = dataclasses.replace(cfg.model, scan_layers=False, attention="xla", remat=cfg.model.remat if recompute
-                              else "none")
+                              else "none", context_parallel="ulysses", ulysses_degree=0)
   cpu = mesh_lib.make_mesh(one, jax.devices("cpu")[:1])
   return flops(lower_step(make_task(dataclasses.replace(cfg, model=model, mesh=one)), cpu, rules)[0].cost_analysis())
 
@@ -201,7 +202,8 @@ def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_ch
   model's body is costed once, so the step is also compiled unrolled with 2 and 3 layers (or all of
   them, if no more) for the same chips and XLA's `optimal_seconds` extrapolated linearly to the
   depth (a 1-layer program can be compiled differently: measured). What XLA leaves out, the Mosaic
-  kernels (splash) and the bodies after the first of loops it builds itself (collective matmuls),
+  kernels (splash), the bodies after the first of loops it builds itself (collective matmuls) and
+  of ring attention's hop and tile loops,
   is added as its FLOPs (`flops_per_chip`, the twin's count, minus XLA's) at the chip's bf16 peak:
   a lower bound, as XLA's own figure is. `mfu`: the model's FLOPs (no recomputation) over that
   time at the chip's peak, an upper bound on the MFU a run can reach."""
@@ -224,9 +226,11 @@ def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_ch
               mfu=model_flops_per_chip / total / peak if total else None)
 
 
-def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time: bool = False) -> dict:
+def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time: bool = False,
+                         save_to: str = "") -> dict:
   """Lower and compile the train step for the topology; the report as a dict. `step_time`: also
-  XLA's estimate of the step's time with every layer counted (two more, small, compiles)."""
+  XLA's estimate of the step's time with every layer counted (two more, small, compiles).
+  `save_to`: a directory to write the serialised executable into (`src.executables`)."""
   devices = topology_devices(topo, slices)
   attention = resolve_impl(cfg.model.attention, "tpu")  # what lower_step's kernels are traced as
   mesh = mesh_lib.make_mesh(cfg.mesh, devices)
@@ -244,6 +248,9 @@ def compile_for_topology(cfg: Config, topo: Topology, slices: int = 1, step_time
   compiled, report = compile_or_report(lowered, report, topo)
   if compiled is None:
     return report
+  if save_to:
+    meta = {k: report[k] for k in ("topology", "grid", "slices", "chips", "mesh")}
+    report["saved_to"] = str(executables.save(compiled, save_to, dict(meta, config=config_lib.to_dict(cfg))))
   total = step_flops(task, rules, compiled, len(devices))
   text = compiled.as_text()
   ideal = comms.step_ideal(cfg, state.params, frozen, dict(mesh.shape), cfg.data.batch_size,
@@ -316,6 +323,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--text-encoder", action="store_true",
                       help="compile the frozen umT5 encoding data.batch_size captions of data.text_len tokens "
                       "(text.checkpoint's sizes, or umT5-XXL's) instead of the train step")
+  parser.add_argument("--save-compiled", metavar="DIR", default="",
+                      help="write the compiled train step (serialised executable) into DIR, local or gs://, for "
+                      "src.executables.load on a pod of this topology with the same jax and libtpu")
   parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
   return parser.parse_intermixed_args(argv)  # flags may follow the overrides
 
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.text_encoder:
       report = compile_text_encoder(cfg, topo, args.slices)
     else:
-      report = compile_for_topology(cfg, topo, args.slices, step_time=args.step_time)
+      report = compile_for_topology(cfg, topo, args.slices, step_time=args.step_time, save_to=args.save_compiled)
   except (config_lib.ConfigError, AotError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

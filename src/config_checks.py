@@ -26,6 +26,7 @@ RANGES = {
     "seed": COUNT,
     **{f"model.{k}": POSITIVE for k in ("depth", "width", "heads", "mlp_dim", "in_channels", "text_depth")},
     "model.freq_dim": "[2, inf)", "model.mlp_ratio": "(0, inf)", "model.num_classes": COUNT, "model.cond_dim": COUNT,
+    "model.ulysses_degree": COUNT,
     "model.rope_theta": "(1, inf)", "model.norm_eps": "(0, 1)",
     **{f"vae.{k}": POSITIVE for k in ("in_channels", "base_dim", "z_dim", "num_res_blocks", "chunk_frames")},
     "vae.norm_eps": "(0, 1)", "vae.l1_weight": COUNT, "vae.l2_weight": COUNT, "vae.kl_weight": COUNT,
@@ -67,6 +68,17 @@ def check(cfg: Config) -> None:
   if any(f < 1 for f in cfg.data.frame_counts):
     raise ConfigError(f"data.frame_counts={list(cfg.data.frame_counts)}: each must be >= 1.")
   _check_lora(cfg)
+  _check_context_parallel(cfg)
+
+
+def _check_context_parallel(cfg: Config) -> None:
+  m, sequence = cfg.model, cfg.mesh.sequence
+  if m.ulysses_degree and m.context_parallel != "usp":
+    raise ConfigError(f"model.ulysses_degree={m.ulysses_degree} is read only with model.context_parallel=usp "
+                      f"(it is {m.context_parallel!r}).")
+  if m.ulysses_degree and sequence > 0 and sequence % m.ulysses_degree:
+    raise ConfigError(f"model.ulysses_degree={m.ulysses_degree} must divide mesh.sequence={sequence}: "
+                      "the sequence axis is cut into groups of that many devices.")
 
 
 def in_range(value, interval: str) -> bool:

@@ -39,6 +39,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # (Ulysses context parallelism); with sequence = 1 this is plain tensor parallelism.
     "act_attn_seq": None,
     "act_attn_heads": ("tensor", "sequence"),
+    # Ring attention and USP (model.context_parallel: ring | usp) leave tokens split over
+    # `sequence` inside attention (act_seq) and split heads over tensor only.
+    "act_ring_heads": "tensor",
     "act_mlp": "tensor",
     "act_height": None,  # VAE activations' rows; map to "sequence" to shard large frames
     # parameters. Every parameter has an `embed` axis (or is tiny), so this rule decides whose

@@ -47,7 +47,7 @@ class MeshConfig:
 
   data: int = 1  # data-parallel ways within a slice (replicas of the model)
   fsdp: int = -1  # ways the parameters, gradients and optimizer state are sharded (ZeRO-3/FSDP); -1: the rest
-  sequence: int = 1  # context-parallel ways: the token sequence split across devices (Ulysses attention)
+  sequence: int = 1  # context-parallel ways: the token sequence split across devices (model.context_parallel)
   tensor: int = 1  # tensor-parallel ways: attention heads and MLP width split across devices
   # Multislice: how many slices (joined by the data-center network) each axis spans;
   # the product is the slice count, -1 takes the rest. Default: only `data` crosses
@@ -95,6 +95,13 @@ class ModelConfig:
   # layer costs more memory traffic than recomputing the elementwise work (docs/benchmarks.md).
   remat: Literal[tuple(REMAT_POLICIES)] = "dots_no_batch"
   attention: Literal[ATTENTION_IMPLS] = "auto"  # cudnn needs dtype bfloat16
+  # How self-attention uses mesh.sequence > 1 (docs/architecture.md, "Context parallelism"):
+  # ulysses regroups tokens by head (all-to-all; heads / tensor must divide by mesh.sequence);
+  # ring keeps tokens split and passes key/value slices around the sequence axis (any
+  # degree; blockwise XLA tiles, not the model.attention kernel); usp is Ulysses inside
+  # groups of ulysses_degree neighbouring devices and a ring across the groups.
+  context_parallel: Literal["ulysses", "ring", "usp"] = "ulysses"
+  ulysses_degree: int = 0  # usp: devices per Ulysses group; 0: the most that divide mesh.sequence and the heads
   # A fresh run starts from these weights: a diffusers WanTransformer3DModel directory (or a
   # root with transformer/), or its Orbax copy (src.convert wan). A resume never reads it.
   init_from: str = ""

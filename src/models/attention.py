@@ -20,25 +20,46 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 from src.config import ATTENTION_IMPLS as IMPLS
+from src.models.ring import MASK_VALUE, RING_KV_LAYOUT, RING_LAYOUT, ring_attend
 
-# Masked logits: a large finite value (not -inf) so a fully masked row stays finite.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # cuDNN computes in bf16/fp16: its bias must stay finite in float16 too.
 CUDNN_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float16).max)
+
+
+# q/k/v inside attention under Ulysses context parallelism: whole sequences, heads split
+# over tensor x sequence (an all-to-all in and out). Ring/USP layouts are in src.models.ring.
+ULYSSES_LAYOUT = ("act_batch", "act_attn_seq", "act_attn_heads", None)
 
 
 @struct.dataclass
 class Mask:
   """Which keys each query may see: equal segment ids, for the kernel `impl`.
   bias: [B, 1, Lq, Lk] float, 0 where allowed and MASK_VALUE (CUDNN_MASK_VALUE)
-  elsewhere, added to the logits by xla (cudnn); splash reads the segment ids."""
+  elsewhere, added to the logits by xla (cudnn); splash and ring attention read the
+  segment ids. `context_parallel` (model.context_parallel) picks the layout; `cross`:
+  the keys are conditioning tokens (whole on every device under ring/usp)."""
 
   q_segment_ids: jax.Array  # [B, Lq] int32
   kv_segment_ids: jax.Array  # [B, Lk] int32
   bias: jax.Array | None = None
   impl: str = struct.field(pytree_node=False, default="xla")
+  context_parallel: str = struct.field(pytree_node=False, default="ulysses")
+  ulysses_degree: int = struct.field(pytree_node=False, default=0)
+  cross: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def ring(self) -> bool:
+    """Self-attention by ring attention (model.context_parallel ring or usp)."""
+    return self.context_parallel != "ulysses" and not self.cross
+
+  def layouts(self) -> tuple[tuple, tuple]:
+    """Logical layouts of (q and the output, k and v) inside attention."""
+    if self.context_parallel == "ulysses":
+      return ULYSSES_LAYOUT, ULYSSES_LAYOUT
+    return RING_LAYOUT, RING_KV_LAYOUT if self.cross else RING_LAYOUT
 
 
 SPLASH_BLOCK = 128  # splash tiles (the smallest): sequence lengths are padded to a multiple
@@ -83,13 +104,15 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
   return "splash" if (platform or target_platform()) == "tpu" else "xla"
 
 
-def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, impl: str = "xla") -> Mask:
+def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, impl: str = "xla", *,
+              context_parallel: str = "ulysses", ulysses_degree: int = 0, cross: bool = False) -> Mask:
   impl = resolve_impl(impl)
-  if impl == "splash":  # the kernel reads segment ids; no dense mask is ever built
-    return Mask(q_segment_ids, kv_segment_ids, None, impl)
+  mask = Mask(q_segment_ids, kv_segment_ids, None, impl, context_parallel, ulysses_degree, cross)
+  if impl == "splash" or mask.ring:  # these read segment ids; no dense mask is ever built
+    return mask
   same = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]  # [B, 1, Lq, Lk]
   masked = CUDNN_MASK_VALUE if impl == "cudnn" else MASK_VALUE
-  return Mask(q_segment_ids, kv_segment_ids, jnp.where(same, 0.0, masked).astype(jnp.float32), impl)
+  return mask.replace(bias=jnp.where(same, 0.0, masked).astype(jnp.float32))
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
@@ -101,6 +124,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   [Lq, Lk]. On CPU this ran fwd+bwd ~25% faster than a softmax over [B, Lq, K, Dh]
   einsums (measured, 8x256 tokens, 6 heads of 64).
   """
+  if mask.ring:
+    ulysses = 1 if mask.context_parallel == "ring" else mask.ulysses_degree
+    return ring_attend(q, k, v, mask.q_segment_ids, mask.kv_segment_ids, ulysses)
   if mask.impl == "splash":
     return splash_attend(q, k, v, mask)
   if mask.impl == "cudnn":
@@ -161,8 +187,9 @@ def _splash_local(q, k, v, q_seg, kv_seg):
 
 def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   """The TPU Pallas splash kernel with segment ids (interpreted off TPU). Under a mesh
-  it runs per device through shard_map, on the layout attention already has: rows over
-  the batch axes, heads over tensor x sequence, whole sequences."""
+  it runs per device through shard_map, on the layout attention already has (`mask.layouts`):
+  rows over the batch axes, heads over tensor x sequence, whole sequences (Ulysses); or,
+  for cross-attention under ring/usp, queries split over sequence and whole captions."""
   from src.mesh import logical_to_spec
 
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
@@ -170,10 +197,10 @@ def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.A
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return _splash_local(*args)
-  qkv = logical_to_spec(("act_batch", None, "act_attn_heads", None))
-  seg = logical_to_spec(("act_batch", None))
-  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg), out_specs=qkv,
-                       check_vma=False)(*args)
+  q_spec, kv_spec = (logical_to_spec(layout) for layout in mask.layouts())
+  q_seg, kv_seg = P(*q_spec[:2]), P(*kv_spec[:2])
+  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_seg, kv_seg),
+                       out_specs=q_spec, check_vma=False)(*args)
 
 
 # --- 3D rotary position embedding -------------------------------------------------

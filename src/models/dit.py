@@ -32,7 +32,6 @@ from src.models.layers import Dense, Embed, LayerNorm, RMSNorm, gather_to_tokens
 
 MAX_PERIOD = 10000.0  # sinusoidal timestep features
 NUM_MODULATIONS = 6  # shift, scale, gate for attention and for the MLP
-ATTN_LAYOUT = ("act_batch", "act_attn_seq", "act_attn_heads", None)  # q/k/v/out inside attention
 
 
 NO_LORA = (0, 1.0, 0.0)  # a Dense without an adapter (rank 0)
@@ -116,10 +115,11 @@ class Attention(nnx.Module):
     q, k, v = self.norm_q(self.q(x, kq)), self.norm_k(self.k(kv, kk)), self.v(kv, kv_)  # [B, L, N, Dh]
     if rope is not None:
       q, k = rope(q), rope(k)
-    # Context parallelism (DeepSpeed-Ulysses): tokens arrive split over `sequence`;
-    # attention regroups them by head (an all-to-all) so every device sees whole rows.
-    q, k, v = (constrain(a, ATTN_LAYOUT) for a in (q, k, v))
-    return self.out(constrain(attend(q, k, v, mask), ATTN_LAYOUT), ko)  # [B, L, D]
+    # Context parallelism: tokens arrive split over `sequence`. Ulysses regroups them by
+    # head (an all-to-all) so every device sees whole rows; ring/usp keep them split.
+    q_layout, kv_layout = mask.layouts()
+    q, k, v = constrain(q, q_layout), constrain(k, kv_layout), constrain(v, kv_layout)
+    return self.out(constrain(attend(q, k, v, mask), q_layout), ko)  # [B, L, D]
 
 
 class Block(nnx.Module):
@@ -215,7 +215,8 @@ class DiT(nnx.Module):
   def context(self, packing: Packing, drop: jax.Array | None, key: jax.Array | None = None) -> Context:
     seg = packing.segment_ids
     rope = Rope(*rope_angles(packing.positions, self.head_dim, self.cfg.rope_theta))
-    ctx = Context(self_mask=make_mask(seg, seg, self.cfg.attention), rope=rope, segment_ids=seg)
+    cp = dict(context_parallel=self.cfg.context_parallel, ulysses_degree=self.cfg.ulysses_degree)
+    ctx = Context(self_mask=make_mask(seg, seg, self.cfg.attention, **cp), rope=rope, segment_ids=seg)
     if not self.cfg.cond_dim:
       return ctx
     cond, cseg = packing.cond, packing.cond_segment_ids
@@ -226,7 +227,7 @@ class DiT(nnx.Module):
     k_in, k_out = split_key(key, 2)
     cond = self.cond_out(jax.nn.gelu(self.cond_in(cond, k_in), approximate=True), k_out)  # [B, Lc, D]
     cond = constrain(cond, ("act_batch", "act_cond_seq", "act_embed"))
-    return ctx.replace(cond=cond, cross_mask=make_mask(seg, cseg, self.cfg.attention))
+    return ctx.replace(cond=cond, cross_mask=make_mask(seg, cseg, self.cfg.attention, **cp, cross=True))
 
   def apply_blocks(self, x: jax.Array, e: jax.Array, ctx: Context) -> jax.Array:
     """Stacked blocks: scanned (compile time flat in depth) or unrolled."""
