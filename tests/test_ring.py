@@ -64,12 +64,14 @@ def test_ring_attention_equals_attention_without_context_parallelism(monkeypatch
     np.testing.assert_allclose(a, b, atol=5e-6)
 
 
-def test_a_group_that_does_not_divide_the_heads_is_refused():
+def test_a_group_that_does_not_divide_the_heads_or_a_row_that_does_not_split_is_refused():
   q, k, v = _qkv(heads=6)
   seg = jnp.asarray(SEGMENTS)
   with jax.set_mesh(M.make_mesh(MeshConfig(1, 1, 8, 1))), nnx.logical_axis_rules(M.make_rules()):
     with pytest.raises(ValueError, match="ulysses_degree=4 must divide"):
       ring.ring_attend(q, k, v, seg, seg, 4)
+    with pytest.raises(ValueError, match="a row of 92 tokens over 8 devices"):
+      ring.ring_attend(q[:, :92], k[:, :92], v[:, :92], seg[:, :92], seg[:, :92])
 
 
 @pytest.fixture(scope="module")

@@ -223,6 +223,9 @@ def ring_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Arr
   size = math.prod(mesh.shape[a] for a in names)
   heads = q.shape[2] // math.prod(mesh.shape[a] for a in _names(qkv[2]))
   ulysses = ulysses or ulysses_group(size, heads)
+  if q.shape[1] % size:
+    raise ValueError(f"ring attention splits a row of {q.shape[1]} tokens over {size} devices: the row length "
+                     "must divide by mesh.sequence (pad it with data.seq_len).")
   if size % ulysses or heads % ulysses:
     raise ValueError(f"model.ulysses_degree={ulysses} must divide the context-parallel devices ({size}) and "
                      f"the heads each tensor shard holds ({heads}).")
