@@ -81,18 +81,21 @@ def packed_batch():
   return batch, jnp.array([[100.0, 500.0, 900.0, 0.0]] * 2)
 
 
-@pytest.mark.parametrize("context_parallel, ulysses, mesh_sizes, collectives", [
-    ("ring", 0, (1, 1, 8, 1), {"collective-permute"}),  # degree 8 > the tiny model's 4 heads
-    ("usp", 2, (1, 2, 4, 1), {"collective-permute", "all-to-all"}),
+@pytest.mark.parametrize("context_parallel, ulysses, mesh_sizes, collectives, kernel", [
+    ("ring", 0, (1, 1, 8, 1), {"collective-permute"}, "xla"),  # degree 8 > the tiny model's 4 heads
+    ("usp", 2, (1, 2, 4, 1), {"collective-permute", "all-to-all"}, "xla"),
+    # cross-attention by the splash kernel (interpreted) on queries split over sequence
+    ("ring", 0, (1, 2, 4, 1), {"collective-permute"}, "splash"),
 ])
-def test_dit_with_ring_or_usp_equals_the_plain_model(packed_batch, context_parallel, ulysses, mesh_sizes, collectives):
+def test_dit_with_ring_or_usp_equals_the_plain_model(packed_batch, context_parallel, ulysses, mesh_sizes, collectives,
+                                                     kernel):
   """The whole DiT (self- and cross-attention, packed rows with padding): output and
   parameter gradients equal the single-device model's; the program passes key/value
   slices by collective-permute (and USP regroups heads by all-to-all)."""
   batch, times = packed_batch
   model = perturbed(DiT(CFG, rngs=nnx.Rngs(0)))
-  cp = perturbed(DiT(dataclasses.replace(CFG, context_parallel=context_parallel, ulysses_degree=ulysses),
-                     rngs=nnx.Rngs(0)))
+  cp = perturbed(DiT(dataclasses.replace(CFG, context_parallel=context_parallel, ulysses_degree=ulysses,
+                                         attention=kernel), rngs=nnx.Rngs(0)))
   real = np.asarray(batch.packing.segment_ids) > 0
 
   def loss(graphdef, params):

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx, struct
 
 from src.mesh import constrain
-from src.models.attention import MASK_VALUE
+from src.models.attention import MASK_VALUE, ULYSSES_LAYOUT as ATTN_LAYOUT  # q/k/v/out, as the DiT's
 from src.models.layers import Dense, Embed, RMSNorm, param
 
 MODEL_TYPES = ("umt5", "t5")  # umt5: a bias table per layer; t5 (v1.1): layer 0's, shared
@@ -41,7 +41,6 @@ FEED_FORWARD = "gated-gelu"  # T5 v1.1 and umT5; the original T5's "relu" FFN is
 HF_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
            "relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj", "model_type")
 HF_ARCHITECTURES = {"umt5": "UMT5EncoderModel", "t5": "T5EncoderModel"}
-ATTN_LAYOUT = ("act_batch", "act_attn_seq", "act_attn_heads", None)  # q/k/v/out inside attention, as the DiT's
 ACT = ("act_batch", "act_seq", "act_embed")
 BIAS_INIT_STD = 0.02  # the random init only matters for tests and smoke runs
 
