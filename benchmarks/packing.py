@@ -44,12 +44,11 @@ def stream(n: int, seed: int) -> list[tuple[int, int, int]]:
   return [sample(rng) for _ in range(n)]
 
 
-def packed_padding(sizes: list[int], seq_len: int, rows: int, max_segments: int, buffer: float, max_wait: int) -> dict:
-  """The grain packer's loop (`_PackIterator._next_batch`) on sizes alone."""
+def packed_steps(sizes: list[int], seq_len: int, rows: int, max_segments: int, buffer: float, max_wait: int):
+  """The grain packer's loop (`_PackIterator._next_batch`) on sizes alone: per batch, the
+  waiting (size, batches waited) pairs and the row `plan_rows` gives each (-1: waits)."""
   pending: list[tuple[int, int]] = []  # (size, batches waited)
   it = iter(sizes)
-  real = total = steps = 0
-  waits = []
   while True:
     while sum(s for s, _ in pending) < buffer * rows * seq_len or len(pending) < rows:
       nxt = next(it, None)
@@ -59,13 +58,20 @@ def packed_padding(sizes: list[int], seq_len: int, rows: int, max_segments: int,
     else:
       nxt = 0
     if nxt is None:  # only measure full buffers: the stream's tail is an artefact
-      break
+      return
     placed = plan_rows([s for s, _ in pending], [w for _, w in pending], seq_len, max_segments, rows, max_wait)
+    yield pending, placed
+    pending = [(s, w + 1) for (s, w), r in zip(pending, placed) if r < 0]
+
+
+def packed_padding(sizes: list[int], seq_len: int, rows: int, max_segments: int, buffer: float, max_wait: int) -> dict:
+  real = total = steps = 0
+  waits = []
+  for pending, placed in packed_steps(sizes, seq_len, rows, max_segments, buffer, max_wait):
     real += sum(s for (s, _), r in zip(pending, placed) if r >= 0)
     waits += [w for (_, w), r in zip(pending, placed) if r >= 0]
     total += rows * seq_len
     steps += 1
-    pending = [(s, w + 1) for (s, w), r in zip(pending, placed) if r < 0]
   return dict(padding=1 - real / total, steps=steps, mean_wait=float(np.mean(waits)), max_wait=int(np.max(waits)))
 
 

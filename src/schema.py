@@ -36,8 +36,9 @@ REMAT_POLICIES = {
     "attention": ("save_attention", {}),  # keep attention's results on the device, recompute the rest
     "offload_attention": ("save_attention", dict(offloaded_names=("block_in",), **_HOST)),  # MaxDiffusion's
 }
-# model.attention: auto (splash on TPU, else xla) | xla | splash (TPU Pallas) | cudnn (GPU flash).
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+# model.attention: auto (splash on TPU, else xla) | xla | splash (TPU Pallas) | flash (TPU Pallas,
+# skips blocks of other examples in a packed row) | cudnn (GPU flash).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "flash")
 Dtype = Literal["float32", "bfloat16"]
 
 

@@ -433,3 +433,28 @@ def test_ring_attention_compiles_for_tpu_and_the_step_is_saved(tmp_path):
   meta = executables.read_meta(r["saved_to"])
   assert meta["topology"] == "v5p-8" and meta["mesh"]["sequence"] == 4 and meta["bytes"] > 0
   assert meta["config"]["model"]["context_parallel"] == "ring"
+
+
+@needs_libtpu
+def test_the_block_skipping_kernel_compiles_into_the_tpu_step():
+  """model.attention=flash in a v5p program: its three Mosaic kernels (forward, dk/dv, dq) are
+  compiled into the step, for self- and cross-attention of a packed row (configs/smoke.yaml);
+  remat=attention keeps the forward kernel's results, so the backward does not run it again."""
+  import re
+
+  from src import config, mesh as mesh_lib
+  from src.tasks import make_task
+
+  def kernels(remat: str) -> dict[str, int]:
+    cfg = config.load(ROOT / "configs/smoke.yaml", ["model.attention=flash", f"model.remat={remat}", "mesh.fsdp=4"])
+    mesh = mesh_lib.make_mesh(cfg.mesh, aot.topology_devices(aot.parse_topology("v5p-8")))
+    lowered, _, _ = aot.lower_step(make_task(cfg), mesh, mesh_lib.make_rules(cfg.mesh.rules))
+    text = lowered.compile().as_text()
+    calls = [re.match(r"\s*%([a-z_]+)", line)[1] for line in text.splitlines()
+             if 'custom_call_target="tpu_custom_call"' in line]  # instructions take the kernel's name
+    return {name: calls.count(name) for name in ("packed_flash_fwd_residuals", "packed_flash_dkv", "packed_flash_dq")}
+
+  full, keep = kernels("full"), kernels("attention")
+  assert all(n >= 2 for n in full.values()), full  # self- and cross-attention, each direction
+  assert keep["packed_flash_dkv"] == full["packed_flash_dkv"] and keep["packed_flash_dq"] == full["packed_flash_dq"]
+  assert keep["packed_flash_fwd_residuals"] < full["packed_flash_fwd_residuals"]

@@ -299,16 +299,18 @@ def test_context_parallel_attention_equals_the_plain_result(model):
   np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["splash", "flash"])
 @pytest.mark.parametrize("mesh_sizes", [None, (2, 1, 1, 4)])
-def test_splash_kernel_equals_xla_attention(model, mesh_sizes):
-  """The TPU splash kernel with segment ids, interpreted on CPU, on a packed row with
-  padding and empty conditioning slots; alone and under shard_map on 8 devices."""
+def test_pallas_kernels_equal_xla_attention(model, mesh_sizes, impl):
+  """The TPU kernels with segment ids (splash; flash, which skips other examples' blocks),
+  interpreted on CPU, on a packed row with padding and empty conditioning slots; alone and
+  under shard_map on 8 devices."""
   examples = packed_examples(seed=7)
   row = pack_rows(examples, 96, max_segments=4)
   batch = as_jnp(jax.tree.map(lambda v: np.concatenate([v, v]), row))
   times = jnp.array([[100.0, 500.0, 900.0, 0.0]] * 2)
   expect = model(batch.tokens, times, batch.packing)
-  graphdef = nnx.graphdef(DiT(dataclasses.replace(CFG, attention="splash"), rngs=nnx.Rngs(0)))
+  graphdef = nnx.graphdef(DiT(dataclasses.replace(CFG, attention=impl), rngs=nnx.Rngs(0)))
   fn = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
   if mesh_sizes is None:
     got = fn(model.params, batch.tokens, times, batch.packing)

@@ -71,6 +71,7 @@ SPLASH_MAX_BLOCK = 2048
 SPLASH_GRID_PAIRS = 32768
 SPLASH_LANES = 128  # TPU lane width: head dims are zero-padded to a multiple
 SPLASH_PAD_KV = -1  # segment id of padded keys: no query ever matches it
+KERNEL_IMPLS = ("splash", "flash")  # Pallas kernels that read segment ids (no dense mask)
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention computes in half precision
 
 
@@ -108,7 +109,7 @@ def make_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, impl: str = "
               context_parallel: str = "ulysses", ulysses_degree: int = 0, cross: bool = False) -> Mask:
   impl = resolve_impl(impl)
   mask = Mask(q_segment_ids, kv_segment_ids, None, impl, context_parallel, ulysses_degree, cross)
-  if impl == "splash" or mask.ring:  # these read segment ids; no dense mask is ever built
+  if impl in KERNEL_IMPLS or mask.ring:  # these read segment ids; no dense mask is ever built
     return mask
   same = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]  # [B, 1, Lq, Lk]
   masked = CUDNN_MASK_VALUE if impl == "cudnn" else MASK_VALUE
@@ -127,8 +128,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   if mask.ring:
     ulysses = 1 if mask.context_parallel == "ring" else mask.ulysses_degree
     return ring_attend(q, k, v, mask.q_segment_ids, mask.kv_segment_ids, ulysses)
-  if mask.impl == "splash":
-    return splash_attend(q, k, v, mask)
+  if mask.impl in KERNEL_IMPLS:
+    return kernel_attend(q, k, v, mask)
   if mask.impl == "cudnn":
     return cudnn_attend(q, k, v, mask)
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, K, L, Dh]
@@ -165,6 +166,14 @@ def splash_block(lq: int, lk: int) -> int:
   return block
 
 
+def _padded(q, k, v, q_seg, kv_seg, tile_q: int, tile_kv: int):
+  """[B, L, K, Dh] -> [B, K, L', Dh']: head dim zero-padded to the TPU lanes, lengths to the tiles.
+  Padded queries join the padding segment 0; padded keys take SPLASH_PAD_KV, which no query has."""
+  q, k, v = (_pad_to(_pad_to(jnp.swapaxes(a, 1, 2), 3, SPLASH_LANES), 2, t) for a, t in
+             ((q, tile_q), (k, tile_kv), (v, tile_kv)))
+  return q, k, v, _pad_to(q_seg, 1, tile_q), _pad_to(kv_seg, 1, tile_kv, SPLASH_PAD_KV)
+
+
 def _splash_local(q, k, v, q_seg, kv_seg):
   """Splash on one device's block: q [B, Lq, K, Dh] (pre-scaled) -> [B, Lq, K, Dh]."""
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -172,10 +181,7 @@ def _splash_local(q, k, v, q_seg, kv_seg):
 
   lq, heads, dh = q.shape[1], q.shape[2], q.shape[3]
   tile = splash_block(lq, k.shape[1])
-  # [B, K, L, Dh], head dim and lengths padded to the kernel's tiles.
-  q, k, v = (_pad_to(_pad_to(jnp.swapaxes(a, 1, 2), 3, SPLASH_LANES), 2, tile) for a in (q, k, v))
-  q_seg = _pad_to(q_seg, 1, tile)  # padded queries join the padding segment 0
-  kv_seg = _pad_to(kv_seg, 1, tile, SPLASH_PAD_KV)
+  q, k, v, q_seg, kv_seg = _padded(q, k, v, q_seg, kv_seg, tile, tile)
   block = sk.BlockSizes(*(min(tile, n) for n in (q.shape[2], k.shape[2], k.shape[2])),
                         *(min(tile, n) for n in (q.shape[2], k.shape[2], k.shape[2], q.shape[2], k.shape[2])))
   kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.FullMask((q.shape[2], k.shape[2]))] * heads), block_sizes=block,
@@ -185,21 +191,33 @@ def _splash_local(q, k, v, q_seg, kv_seg):
   return jnp.swapaxes(out[:, :, :lq, :dh], 1, 2)
 
 
-def splash_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
-  """The TPU Pallas splash kernel with segment ids (interpreted off TPU). Under a mesh
-  it runs per device through shard_map, on the layout attention already has (`mask.layouts`):
-  rows over the batch axes, heads over tensor x sequence, whole sequences (Ulysses); or,
-  for cross-attention under ring/usp, queries split over sequence and whole captions."""
+def _flash_local(q, k, v, q_seg, kv_seg):
+  """The block-skipping kernel (src.models.flash) on one device's block, as `_splash_local`."""
+  from src.models import flash
+
+  lq, dh = q.shape[1], q.shape[3]
+  block_q, block_kv = flash.block_size(lq), flash.block_size(k.shape[1])
+  padded = _padded(q, k, v, q_seg, kv_seg, block_q, block_kv)
+  out = flash.packed_flash(*padded, block_q, block_kv, target_platform() != "tpu")  # [B, K, Lq', Dh']
+  return jnp.swapaxes(out[:, :, :lq, :dh], 1, 2)
+
+
+def kernel_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
+  """A TPU Pallas kernel with segment ids (interpreted off TPU): splash, or the block-skipping
+  `flash`. Under a mesh it runs per device through shard_map, on the layout attention already
+  has (`mask.layouts`): rows over the batch axes, heads over tensor x sequence, whole sequences
+  (Ulysses); or, for cross-attention under ring/usp, queries split over sequence and whole captions."""
   from src.mesh import logical_to_spec
 
+  local = _flash_local if mask.impl == "flash" else _splash_local
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   args = (q, k, v, mask.q_segment_ids, mask.kv_segment_ids)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _splash_local(*args)
+    return local(*args)
   q_spec, kv_spec = (logical_to_spec(layout) for layout in mask.layouts())
   q_seg, kv_seg = P(*q_spec[:2]), P(*kv_spec[:2])
-  return jax.shard_map(_splash_local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_seg, kv_seg),
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, q_seg, kv_seg),
                        out_specs=q_spec, check_vma=False)(*args)
 
 
