@@ -72,14 +72,20 @@ def main(argv=None) -> int:
   p.add_argument("--buffer", type=float, default=2.0)
   p.add_argument("--max-wait", type=int, default=4)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", help="append the JSON lines to this file too")
   args = p.parse_args(argv)
 
   sizes = [tokens_of(s, PATCH) for s in stream(args.examples, args.seed)]
+  lines = []
   for seq_len in args.seq_len:
     for block in args.block:
       got = measure(sizes, seq_len, block, args.rows, args.max_segments, args.buffer, args.max_wait)
-      print(json.dumps(dict(bench="attention_blocks", examples=args.examples, seq_len=seq_len, block=block,
-                            **{k: round(v, 4) for k, v in got.items()})), flush=True)
+      lines.append(json.dumps(dict(bench="attention_blocks", examples=args.examples, seq_len=seq_len, block=block,
+                                   **{k: round(v, 4) for k, v in got.items()})))
+      print(lines[-1], flush=True)
+  if args.out:
+    with open(args.out, "a") as f:
+      f.write("\n".join(lines) + "\n")
   return 0
 
 

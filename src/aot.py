@@ -207,7 +207,7 @@ def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_ch
   is added as its FLOPs (`flops_per_chip`, the twin's count, minus XLA's) at the chip's bf16 peak:
   a lower bound, as XLA's own figure is. `mfu`: the model's FLOPs (no recomputation) over that
   time at the chip's peak, an upper bound on the MFU a run can reach."""
-  cost = [xla_cost(compiled)]
+  cost = [] if task.scans_layers else [xla_cost(compiled)]  # a scanned model's `compiled` is not read
   if task.scans_layers:
     cfg, depth = task.cfg, dimensions(task.cfg.model)[0]
     unrolled = lambda d: make_task(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=d,

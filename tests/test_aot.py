@@ -458,3 +458,22 @@ def test_the_block_skipping_kernel_compiles_into_the_tpu_step():
   assert all(n >= 2 for n in full.values()), full  # self- and cross-attention, each direction
   assert keep["packed_flash_dkv"] == full["packed_flash_dkv"] and keep["packed_flash_dq"] == full["packed_flash_dq"]
   assert keep["packed_flash_fwd_residuals"] < full["packed_flash_fwd_residuals"]
+
+
+@needs_libtpu
+def test_remat_search_takes_the_first_policy_that_fits(monkeypatch):
+  """benchmarks.remat_search compiles policies in order and stops at the first that fits: with no
+  HBM nothing does; with HBM between full remat's need and no remat's, full remat is chosen."""
+  from benchmarks import remat_search
+  from src import config
+
+  cfg = config.load(None, TINY[:1] + ["model.depth=2", "data.height=16", "data.width=16", "mesh.fsdp=8"] + TINY[4:])
+  topo = aot.parse_topology("v5e-8")
+  monkeypatch.setitem(aot.HBM_GIB, "v5e", 0)
+  nothing = remat_search.search(cfg, topo, ("none", "full"))
+  assert nothing["remat"] is None and list(nothing["tried"]) == ["none", "full"]
+  none, full = nothing["tried"]["none"], nothing["tried"]["full"]
+  assert full < none  # full remat keeps less
+  monkeypatch.setitem(aot.HBM_GIB, "v5e", (none + full) / 2)
+  chosen = remat_search.search(cfg, topo, ("none", "full"))
+  assert chosen["remat"] == "full" and chosen["report"]["remat"] == "full" and chosen["tried"]["none"] == none

@@ -2,6 +2,8 @@
 CPU: equal to XLA attention (values and gradients), alone and under shard_map on 8 devices,
 and it computes only the block pairs whose segment ranges overlap."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,3 +114,15 @@ def test_block_size_and_runs():
   assert kv_lo.tolist() == [0, 1, 1, 3] and kv_hi.tolist() == [0, 2, 2, 3]
   (lo, hi), _ = flash.block_runs(seg, jnp.full((1, 128), 7), 128, 128)  # no key of any query's segment
   assert lo.tolist() == [0] * 4 and hi.tolist() == [-1] * 4
+
+
+def test_the_attention_blocks_benchmark_counts_pairs(capsys):
+  """benchmarks.attention_blocks: rows of 16 examples of 128 tokens use 1/16 of the pairs and the
+  skipping kernel computes exactly those; on the mixed stream, useful <= skipping < full."""
+  from benchmarks import attention_blocks
+
+  got = attention_blocks.measure([128] * 400, 2048, 128, rows=2, max_segments=16, buffer=2.0, max_wait=4)
+  assert got["useful_over_full"] == got["skipping_over_full"] == 1 / 16 and got["examples_per_row"] == 16
+  assert attention_blocks.main(["--examples", "300", "--seq-len", "8448", "--block", "512"]) == 0
+  line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert line["useful_over_full"] < line["skipping_over_full"] < 1 and line["seq_len"] == 8448

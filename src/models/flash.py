@@ -13,8 +13,9 @@ blocks). The grid still has every pair; a skipped step maps its input blocks to 
 nearest visited one, so the TPU pipeline issues no copy for it, and runs no compute.
 
 Correctness does not depend on contiguity: pairs inside a run that do not overlap are
-computed and masked, pairs outside cannot hold a visible pair. A query row that sees no
-key at all (only block padding does) gets zeros and no gradient.
+computed and masked, pairs outside cannot hold a visible pair. A query row that matches no
+key (only the callers' block padding can) gets a finite, meaningless output and no
+gradient; callers slice it off.
 
 Interface: q [B, H, Lq, D] (already scaled), k/v [B, H, Lk, D], lengths multiples of
 the blocks, D a multiple of 128 (callers pad); q_seg [B, Lq], kv_seg [B, Lk] int32.
@@ -72,7 +73,7 @@ def block_runs(q_seg: jax.Array, kv_seg: jax.Array, block_q: int, block_kv: int)
 
 
 def executed_fraction(q_seg: np.ndarray, kv_seg: np.ndarray, block_q: int, block_kv: int) -> float:
-  """Share of the row's (query block, key block) pairs the kernel computes (host-side, numpy)."""
+  """Share of the (query block, key block) pairs of the rows that the kernel computes."""
   (lo, hi), _ = block_runs(jnp.asarray(q_seg), jnp.asarray(kv_seg), block_q, block_kv)
   nq, nk = q_seg.shape[1] // block_q, kv_seg.shape[1] // block_kv
   return float(np.sum(np.asarray(hi) - np.asarray(lo) + 1)) / (q_seg.shape[0] * nq * nk)
@@ -85,8 +86,10 @@ def _visit(lo_ref, hi_ref, run, step):
 
 
 def _scores(q_ref, k_ref, qs_ref, ks_ref):
-  s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)  # [bq, bk]
-  return jnp.where(qs_ref[:, :1] == ks_ref[:1, :], s, MASK_VALUE), qs_ref[:, :1] == ks_ref[:1, :]
+  """Masked logits [bq, bk] of one block pair, and the mask (same segment)."""
+  same = qs_ref[:, :1] == ks_ref[:1, :]  # [bq, 1] == [1, bk]
+  s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
+  return jnp.where(same, s, MASK_VALUE), same
 
 
 def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, nq):
