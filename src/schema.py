@@ -99,7 +99,7 @@ class ModelConfig:
   # How self-attention uses mesh.sequence > 1 (docs/architecture.md, "Context parallelism"):
   # ulysses regroups tokens by head (all-to-all; heads / tensor must divide by mesh.sequence);
   # ring keeps tokens split and passes key/value slices around the sequence axis (any
-  # degree; blockwise XLA tiles, not the model.attention kernel); usp is Ulysses inside
+  # degree; blockwise XLA tiles, or the Pallas kernel with model.attention=flash); usp is Ulysses inside
   # groups of ulysses_degree neighbouring devices and a ring across the groups.
   context_parallel: Literal["ulysses", "ring", "usp"] = "ulysses"
   ulysses_degree: int = 0  # usp: devices per Ulysses group; 0: the most that divide mesh.sequence and the heads

@@ -477,3 +477,17 @@ def test_remat_search_takes_the_first_policy_that_fits(monkeypatch):
   monkeypatch.setitem(aot.HBM_GIB, "v5e", (none + full) / 2)
   chosen = remat_search.search(cfg, topo, ("none", "full"))
   assert chosen["remat"] == "full" and chosen["report"]["remat"] == "full" and chosen["tried"]["none"] == none
+
+
+@needs_libtpu
+def test_ring_attention_with_the_block_skipping_kernel_compiles_for_tpu():
+  """model.context_parallel=ring with model.attention=flash: each hop's tiles are the Pallas kernel
+  (Mosaic in the v5p program), and the key/value slices still travel unpadded, at the ideal bytes."""
+  result = run_aot("--topology", "v5p-8", *TINY, "mesh.fsdp=1", "mesh.sequence=4", "model.context_parallel=ring",
+                   "data.batch_size=1", "model.attention=flash")
+  assert result.returncode == 0, result.stderr[-3000:]
+  r = report(result)
+  assert r["attention"] == "flash" and r["mosaic_kernels"] > 0
+  permute = r["collectives"]["by_kind"]["collective-permute"]["ici_gib"]
+  assert 0.5 * r["collectives"]["ideal_gib"]["collective-permute"] <= permute
+  assert permute <= r["collectives"]["ideal_gib"]["collective-permute"]

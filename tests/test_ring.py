@@ -40,20 +40,24 @@ def test_tiles_are_the_largest_divisors_up_to_the_limit():
   assert sorted(perm) == [(0, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7), (6, 0), (7, 1)]
 
 
-@pytest.mark.parametrize("mesh_sizes, ulysses", [
-    (None, 1),  # no mesh: blockwise attention on one device
-    ((1, 1, 8, 1), 1),  # ring over 8 devices
-    ((1, 2, 2, 2), 1),  # ring over 2, with batch (fsdp) and heads (tensor) split too
-    ((1, 1, 8, 1), 2),  # USP: Ulysses in pairs, a ring of 4 pairs
-    ((1, 2, 4, 1), 4),  # USP with one group: Ulysses only, by all-to-all
-    ((1, 1, 8, 1), 0),  # USP, the group chosen from the heads (8 heads / 1: all 8)
+@pytest.mark.parametrize("mesh_sizes, ulysses, tiles", [
+    (None, 1, "xla"),  # no mesh: blockwise attention on one device
+    ((1, 1, 8, 1), 1, "xla"),  # ring over 8 devices
+    ((1, 2, 2, 2), 1, "xla"),  # ring over 2, with batch (fsdp) and heads (tensor) split too
+    ((1, 1, 8, 1), 2, "xla"),  # USP: Ulysses in pairs, a ring of 4 pairs
+    ((1, 2, 4, 1), 4, "xla"),  # USP with one group: Ulysses only, by all-to-all
+    ((1, 1, 8, 1), 0, "xla"),  # USP, the group chosen from the heads (8 heads / 1: all 8)
+    # each hop's tiles by the block-skipping Pallas kernel (model.attention=flash), interpreted
+    (None, 1, "flash"),
+    ((1, 1, 8, 1), 1, "flash"),
+    ((1, 1, 8, 1), 2, "flash"),
 ])
-def test_ring_attention_equals_attention_without_context_parallelism(monkeypatch, mesh_sizes, ulysses):
+def test_ring_attention_equals_attention_without_context_parallelism(monkeypatch, mesh_sizes, ulysses, tiles):
   monkeypatch.setattr(ring, "RING_CHUNK", 4)  # several query and key tiles per device
   q, k, v = _qkv()
   seg = jnp.asarray(SEGMENTS)
   expect, expect_grads = _value_and_grads(lambda *a: attention.attend(*a, attention.make_mask(seg, seg)), q, k, v)
-  fn = lambda *a: ring.ring_attend(*a, seg, seg, ulysses)
+  fn = lambda *a: ring.ring_attend(*a, seg, seg, ulysses, tiles)
   if mesh_sizes is None:
     got, grads = _value_and_grads(fn, q, k, v)
   else:
@@ -86,6 +90,8 @@ def packed_batch():
     ("usp", 2, (1, 2, 4, 1), {"collective-permute", "all-to-all"}, "xla"),
     # cross-attention by the splash kernel (interpreted) on queries split over sequence
     ("ring", 0, (1, 2, 4, 1), {"collective-permute"}, "splash"),
+    # the block-skipping kernel: each hop's tiles of self-attention, and cross-attention
+    ("usp", 2, (1, 2, 4, 1), {"collective-permute", "all-to-all", "packed_flash_dkv"}, "flash"),
 ])
 def test_dit_with_ring_or_usp_equals_the_plain_model(packed_batch, context_parallel, ulysses, mesh_sizes, collectives,
                                                      kernel):

@@ -23,7 +23,9 @@ from flax import struct
 from jax.sharding import PartitionSpec as P
 
 from src.config import ATTENTION_IMPLS as IMPLS
-from src.models.ring import MASK_VALUE, RING_KV_LAYOUT, RING_LAYOUT, ring_attend
+from src.models import flash
+from src.models.flash import MASK_VALUE
+from src.models.ring import RING_KV_LAYOUT, RING_LAYOUT, ring_attend
 
 # cuDNN computes in bf16/fp16: its bias must stay finite in float16 too.
 CUDNN_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float16).max)
@@ -69,8 +71,6 @@ SPLASH_BLOCK = 128  # splash tiles (the smallest): sequence lengths are padded t
 # tiles, up to SPLASH_MAX_BLOCK, so that at most SPLASH_GRID_PAIRS pairs remain.
 SPLASH_MAX_BLOCK = 2048
 SPLASH_GRID_PAIRS = 32768
-SPLASH_LANES = 128  # TPU lane width: head dims are zero-padded to a multiple
-SPLASH_PAD_KV = -1  # segment id of padded keys: no query ever matches it
 KERNEL_IMPLS = ("splash", "flash")  # Pallas kernels that read segment ids (no dense mask)
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN flash attention computes in half precision
 
@@ -127,7 +127,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Array:
   """
   if mask.ring:
     ulysses = 1 if mask.context_parallel == "ring" else mask.ulysses_degree
-    return ring_attend(q, k, v, mask.q_segment_ids, mask.kv_segment_ids, ulysses)
+    tiles = "flash" if mask.impl == "flash" else "xla"  # the block-skipping kernel as each hop's tiles
+    return ring_attend(q, k, v, mask.q_segment_ids, mask.kv_segment_ids, ulysses, tiles,
+                       target_platform() != "tpu")
   if mask.impl in KERNEL_IMPLS:
     return kernel_attend(q, k, v, mask)
   if mask.impl == "cudnn":
@@ -152,12 +154,6 @@ def cudnn_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: Mask) -> jax.Ar
   return jax.nn.dot_product_attention(q, k, v, bias=mask.bias.astype(q.dtype), implementation="cudnn")
 
 
-def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, -x.shape[axis] % multiple)
-  return jnp.pad(x, pad, constant_values=value)
-
-
 def splash_block(lq: int, lk: int) -> int:
   """The kernel's tile: 128, doubled while the q x kv block grid exceeds SPLASH_GRID_PAIRS."""
   block = SPLASH_BLOCK
@@ -167,11 +163,8 @@ def splash_block(lq: int, lk: int) -> int:
 
 
 def _padded(q, k, v, q_seg, kv_seg, tile_q: int, tile_kv: int):
-  """[B, L, K, Dh] -> [B, K, L', Dh']: head dim zero-padded to the TPU lanes, lengths to the tiles.
-  Padded queries join the padding segment 0; padded keys take SPLASH_PAD_KV, which no query has."""
-  q, k, v = (_pad_to(_pad_to(jnp.swapaxes(a, 1, 2), 3, SPLASH_LANES), 2, t) for a, t in
-             ((q, tile_q), (k, tile_kv), (v, tile_kv)))
-  return q, k, v, _pad_to(q_seg, 1, tile_q), _pad_to(kv_seg, 1, tile_kv, SPLASH_PAD_KV)
+  """[B, L, K, Dh] -> [B, K, L', Dh'], padded for a kernel's tiles (`flash.pad_operands`)."""
+  return flash.pad_operands(*(jnp.swapaxes(a, 1, 2) for a in (q, k, v)), q_seg, kv_seg, tile_q, tile_kv)
 
 
 def _splash_local(q, k, v, q_seg, kv_seg):
@@ -193,8 +186,6 @@ def _splash_local(q, k, v, q_seg, kv_seg):
 
 def _flash_local(q, k, v, q_seg, kv_seg):
   """The block-skipping kernel (src.models.flash) on one device's block, as `_splash_local`."""
-  from src.models import flash
-
   lq, dh = q.shape[1], q.shape[3]
   block_q, block_kv = flash.block_size(lq), flash.block_size(k.shape[1])
   padded = _padded(q, k, v, q_seg, kv_seg, block_q, block_kv)

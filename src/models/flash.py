@@ -32,12 +32,28 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from src.models.ring import MASK_VALUE
-
+# Masked logits (here, in ring attention and in attention.py's XLA path): a large finite
+# value, not -inf, so a fully masked row stays finite.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES, SUBLANES = 128, 8  # TPU vreg tile: per-row statistics are kept broadcast over lanes
 BLOCK = 512  # query and key tokens per block (each side), at most
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
+PAD_KV = -1  # segment id of padded keys: no query ever matches it
 _PAD_ORDER = 1 << 30  # padding's place in the order of segment ids (`_ordered`)
+
+
+def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, -x.shape[axis] % multiple)
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def pad_operands(q, k, v, q_seg, kv_seg, block_q: int, block_kv: int):
+  """q/k/v [B, H, L, D] and segment ids [B, L] padded for a TPU kernel: D zero-padded to the
+  lanes, lengths to the blocks. Padded queries join the padding segment 0; padded keys take
+  PAD_KV, which no query has (callers slice the padded queries off)."""
+  q, k, v = (_pad_to(_pad_to(a, 3, LANES), 2, n) for a, n in ((q, block_q), (k, block_kv), (v, block_kv)))
+  return q, k, v, _pad_to(q_seg, 1, block_q), _pad_to(kv_seg, 1, block_kv, PAD_KV)
 
 
 def block_size(length: int, limit: int = BLOCK) -> int:
@@ -116,9 +132,9 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     l = l_sc[...]
-    seen = l > 0  # a row that saw no key: output 0, and a log-sum-exp no logit can reach
+    seen = l > 0  # a row that visited no block: output 0, log-sum-exp -inf (it weighs nothing)
     o_ref[...] = (acc_sc[...] / jnp.where(seen, l, 1.0)[:, :1]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
 def _probs_and_dscores(q_ref, k_ref, v_ref, qs_ref, ks_ref, lse_ref, di_ref, do_ref):
@@ -202,7 +218,9 @@ def _lanes(seg_q, seg_kv, lq, lk):
           jax.lax.broadcast_in_dim(seg_kv, (b, SUBLANES, lk), (0, 2)))
 
 
-def _forward(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret):
+def forward(q, k, v, q_seg, kv_seg, block_q: int, block_kv: int, interpret: bool, out_dtype=None):
+  """(out [B, H, Lq, D] in `out_dtype` (default q's), log-sum-exp [B, H, Lq] float32, -inf for a
+  row that visited no block). Ring attention folds these per key/value slice."""
   (b, h, lq, d), lk = q.shape, k.shape[2]
   nq, nk = lq // block_q, lk // block_kv
   kv_run, _ = block_runs(q_seg, kv_seg, block_q, block_kv)
@@ -211,46 +229,49 @@ def _forward(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret):
       functools.partial(_fwd_kernel, nq=nq), "packed_flash_fwd_residuals",
       (*kv_run, q, k, v, *_lanes(q_seg, kv_seg, lq, lk)), (b, h, nq, nk),
       [qspec, kspec, kspec, qsspec, ksspec], [qspec, statspec],
-      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, lq, LANES), jnp.float32)],
+      [jax.ShapeDtypeStruct(q.shape, out_dtype or q.dtype), jax.ShapeDtypeStruct((b, h, lq, LANES), jnp.float32)],
       [pltpu.VMEM((block_q, LANES), jnp.float32)] * 2 + [pltpu.VMEM((block_q, d), jnp.float32)], interpret)
   return out, lse[..., 0]
 
 
-def _backward(q, k, v, q_seg, kv_seg, out, lse, dout, block_q, block_kv, interpret):
+def backward(q, k, v, q_seg, kv_seg, lse, di, dout, block_q: int, block_kv: int, interpret: bool, grad_dtype=None):
+  """(dq, dk, dv) from the rows' log-sum-exp and di = rowsum(dout * out) [B, H, Lq] (both of the
+  whole attention, so ring attention can take each slice's share); gradients in `grad_dtype`
+  (default the inputs')."""
   (b, h, lq, d), lk = q.shape, k.shape[2]
   nq, nk = lq // block_q, lk // block_kv
   kv_run, q_run = block_runs(q_seg, kv_seg, block_q, block_kv)
-  di = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   stats = tuple(jax.lax.broadcast_in_dim(x, (b, h, lq, LANES), (0, 1, 2)) for x in (lse, di))
   operands = (q, k, v, *_lanes(q_seg, kv_seg, lq, lk), *stats, dout)
   qspec, kspec, qsspec, ksspec, statspec = _specs(block_q, block_kv, d, nk, q_outer=False)
   dk, dv = _call(
       functools.partial(_dkv_kernel, nk=nk), "packed_flash_dkv", (*q_run, *operands), (b, h, nk, nq),
       [qspec, kspec, kspec, qsspec, ksspec, statspec, statspec, qspec], [kspec, kspec],
-      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      [jax.ShapeDtypeStruct(k.shape, grad_dtype or k.dtype), jax.ShapeDtypeStruct(v.shape, grad_dtype or v.dtype)],
       [pltpu.VMEM((block_kv, d), jnp.float32)] * 2, interpret)
   qspec, kspec, qsspec, ksspec, statspec = _specs(block_q, block_kv, d, nq, q_outer=True)
   dq = _call(
       functools.partial(_dq_kernel, nq=nq), "packed_flash_dq", (*kv_run, *operands), (b, h, nq, nk),
       [qspec, kspec, kspec, qsspec, ksspec, statspec, statspec, qspec], qspec,
-      jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((block_q, d), jnp.float32)], interpret)
+      jax.ShapeDtypeStruct(q.shape, grad_dtype or q.dtype), [pltpu.VMEM((block_q, d), jnp.float32)], interpret)
   return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def packed_flash(q, k, v, q_seg, kv_seg, block_q: int, block_kv: int, interpret: bool):
   """Attention of q [B, H, Lq, D] (pre-scaled) over k/v [B, H, Lk, D] where segment ids match."""
-  return _forward(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret)[0]
+  return forward(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret)[0]
 
 
 def _fwd_rule(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret)
+  out, lse = forward(q, k, v, q_seg, kv_seg, block_q, block_kv, interpret)
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _bwd_rule(block_q, block_kv, interpret, res, dout):
   q, k, v, q_seg, kv_seg, out, lse = res
-  dq, dk, dv = _backward(q, k, v, q_seg, kv_seg, out, lse, dout, block_q, block_kv, interpret)
+  di = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  dq, dk, dv = backward(q, k, v, q_seg, kv_seg, lse, di, dout, block_q, block_kv, interpret)
   return dq, dk, dv, None, None
 
 

@@ -15,8 +15,11 @@ carries its segment ids around the ring. The backward pass is a second ring pass
 (`jax.custom_vjp`): the forward keeps only its output and the log-sum-exp of each row,
 the gradients of a key/value slice travel with it and are home after n hops. Each hop's
 ppermute is issued before that hop's compute and does not depend on it, so the compiler
-can overlap the transfer with the matmuls. Tiles are computed with XLA einsums (CPU, GPU
-and TPU alike); there is no Pallas ring kernel yet.
+can overlap the transfer with the matmuls. Each hop's tiles are XLA einsums (CPU, GPU and
+TPU alike) or, with `model.attention=flash`, the block-skipping Pallas kernel of
+src/models/flash.py, whose forward returns (output, log-sum-exp) and whose backward takes
+the whole attention's log-sum-exp: exactly a ring hop's share. Slices travel unpadded and
+are padded to the kernel's blocks on arrival.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-# Masked logits (here and in attention.py's XLA path): a large finite value, not -inf, so a
-# fully masked row stays finite.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from src.models import flash
+from src.models.flash import MASK_VALUE
+
 RING_CHUNK = 1024  # query and key tokens per tile: the logits a tile holds are [B, H, chunk, chunk] float32
 # Layouts of q/k/v in ring attention: tokens stay split as the rest of the block has them
 # (`act_seq`), heads over `act_ring_heads` (tensor). Cross-attention keys (the caption) are whole.
@@ -124,42 +127,90 @@ def _bwd_slice(q, k, v, qs, ks, lse, delta, dout):
   return _untile(dq, 2), dk, dv
 
 
-def _ring_forward(q, k, v, qs, ks, axis, perm, hops):
-  """The forward ring: out [B, H, Lq, D] (q's dtype) and the rows' log-sum-exp [B, H, Lq]."""
+def _xla_init(q):
   b, h, lq, d = q.shape
-  stats = (jnp.full((b, h, lq), -jnp.inf, jnp.float32), jnp.zeros((b, h, lq), jnp.float32),
-           jnp.zeros((b, h, lq, d), jnp.float32))
+  return (jnp.full((b, h, lq), -jnp.inf, jnp.float32), jnp.zeros((b, h, lq), jnp.float32),
+          jnp.zeros((b, h, lq, d), jnp.float32))
+
+
+def _xla_finish(stats, dtype):
+  m, l, acc = stats
+  return (acc / l[..., None]).astype(dtype), m + jnp.log(l)
+
+
+def _padded_slice(q, k, v, qs, ks):
+  """A travelling key/value slice padded to the kernel's lanes and blocks on arrival (it travels
+  unpadded: the ring moves no padding); q is padded once, in `_local`."""
+  block = flash.block_size(k.shape[2])
+  _, k, v, _, ks = flash.pad_operands(q, k, v, qs, ks, 1, block)
+  return (q, k, v, qs, ks), (flash.block_size(q.shape[2]), block)
+
+
+def _flash_init(q):
+  return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
+
+
+def _flash_fold(q, k, v, qs, ks, stats, interpret):
+  """Fold one slice's (output, log-sum-exp) from the block-skipping kernel into the running pair."""
+  out, lse = stats
+  operands, blocks = _padded_slice(q, k, v, qs, ks)
+  out_s, lse_s = flash.forward(*operands, *blocks, interpret, out_dtype=jnp.float32)
+  new = jnp.logaddexp(lse, lse_s)
+  ref = jnp.where(jnp.isneginf(new), 0.0, new)  # rows no slice has reached yet stay (0, -inf)
+  return out * jnp.exp(lse - ref)[..., None] + out_s * jnp.exp(lse_s - ref)[..., None], new
+
+
+def _flash_grads(q, k, v, qs, ks, lse, delta, dout, interpret):
+  (q, kp, vp, qs, ksp), blocks = _padded_slice(q, k, v, qs, ks)
+  dq, dk, dv = flash.backward(q, kp, vp, qs, ksp, lse, delta, dout, *blocks, interpret, grad_dtype=jnp.float32)
+  lk, dh = k.shape[2:]
+  return dq, dk[:, :, :lk, :dh], dv[:, :, :lk, :dh]
+
+
+# Tiles of one hop, by model.attention: (initial stats, fold a slice, (output, lse), a slice's grads).
+TILES = {
+    "xla": (_xla_init, lambda *a, interpret: _fwd_slice(*a), _xla_finish,
+            lambda *a, interpret: _bwd_slice(*a)),
+    "flash": (_flash_init, lambda *a, interpret: _flash_fold(*a, interpret), lambda st, dtype: (st[0].astype(dtype), st[1]),
+              lambda *a, interpret: _flash_grads(*a, interpret)),
+}
+
+
+def _ring_forward(q, k, v, qs, ks, axis, perm, hops, tiles, interpret):
+  """The forward ring: out [B, H, Lq, D] (q's dtype) and the rows' log-sum-exp [B, H, Lq]."""
+  init, fold, finish, _ = TILES[tiles]
 
   def hop(carry, _):
     (k, v, ks), stats = carry
     nxt = jax.lax.ppermute((k, v, ks), axis, perm)  # issued first: overlaps the compute below
-    return (nxt, _fwd_slice(q, k, v, qs, ks, stats)), None
+    return (nxt, fold(q, k, v, qs, ks, stats, interpret=interpret)), None
 
+  stats = init(q)
   if hops > 1:
     ((k, v, ks), stats), _ = jax.lax.scan(hop, ((k, v, ks), stats), None, length=hops - 1)
-  m, l, acc = _fwd_slice(q, k, v, qs, ks, stats)
-  return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
+  return finish(fold(q, k, v, qs, ks, stats, interpret=interpret), q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _ring(q, k, v, qs, ks, axis, perm, hops):
-  return _ring_forward(q, k, v, qs, ks, axis, perm, hops)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _ring(q, k, v, qs, ks, axis, perm, hops, tiles, interpret):
+  return _ring_forward(q, k, v, qs, ks, axis, perm, hops, tiles, interpret)[0]
 
 
-def _ring_fwd(q, k, v, qs, ks, axis, perm, hops):
-  out, lse = _ring_forward(q, k, v, qs, ks, axis, perm, hops)
+def _ring_fwd(q, k, v, qs, ks, axis, perm, hops, tiles, interpret):
+  out, lse = _ring_forward(q, k, v, qs, ks, axis, perm, hops, tiles, interpret)
   return out, (q, k, v, qs, ks, out, lse)
 
 
-def _ring_bwd(axis, perm, hops, res, dout):
+def _ring_bwd(axis, perm, hops, tiles, interpret, res, dout):
   q, k, v, qs, ks, out, lse = res
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   dout = dout.astype(q.dtype)
+  grads = functools.partial(TILES[tiles][3], interpret=interpret)
 
   def hop(carry, _):
     (k, v, ks), (dk, dv), dq = carry
     nxt = jax.lax.ppermute((k, v, ks), axis, perm)
-    dq_, dk_, dv_ = _bwd_slice(q, k, v, qs, ks, lse, delta, dout)
+    dq_, dk_, dv_ = grads(q, k, v, qs, ks, lse, delta, dout)
     # This slice's gradients travel with it: after `hops` hops they are home.
     return (nxt, jax.lax.ppermute((dk + dk_, dv + dv_), axis, perm), dq + dq_), None
 
@@ -168,7 +219,7 @@ def _ring_bwd(axis, perm, hops, res, dout):
   if hops > 1:
     carry, _ = jax.lax.scan(hop, carry, None, length=hops - 1)
   (k, v, ks), (dk, dv), dq = carry
-  dq_, dk_, dv_ = _bwd_slice(q, k, v, qs, ks, lse, delta, dout)
+  dq_, dk_, dv_ = grads(q, k, v, qs, ks, lse, delta, dout)
   dk, dv = (dk + dk_).astype(k.dtype), (dv + dv_).astype(v.dtype)  # complete: the last hop home in k's dtype
   if hops > 1:
     dk, dv = jax.lax.ppermute((dk, dv), axis, perm)
@@ -193,21 +244,24 @@ def ulysses_group(size: int, heads: int) -> int:
   return max(d for d in range(1, size + 1) if size % d == 0 and heads % d == 0)
 
 
-def _local(q, k, v, qs, ks, *, axis, size, ulysses):
+def _local(q, k, v, qs, ks, *, axis, size, ulysses, tiles="xla", interpret=True):
   """One device: q/k/v [B, L/size, H/tensor, D] (q pre-scaled) -> the same shape."""
   q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [B, H, L, D]
   groups, perm = ring_groups(size, ulysses)
   if ulysses > 1:  # Ulysses inside the group: whole group's tokens, 1/ulysses of the heads
     q, k, v = (jax.lax.all_to_all(a, axis, 1, 2, tiled=True, axis_index_groups=groups) for a in (q, k, v))
     qs, ks = (jax.lax.all_gather(s, axis, axis=1, tiled=True, axis_index_groups=groups) for s in (qs, ks))
-  out = _ring(q, k, v, qs, ks, axis, tuple(perm), size // ulysses)
+  length, dh = q.shape[2:]
+  if tiles == "flash":  # q to the kernel's lanes and blocks; key/value slices per hop (`_padded_slice`)
+    q, _, _, qs, _ = flash.pad_operands(q, k, v, qs, ks, flash.block_size(length), 1)
+  out = _ring(q, k, v, qs, ks, axis, tuple(perm), size // ulysses, tiles, interpret)[:, :, :length, :dh]
   if ulysses > 1:
     out = jax.lax.all_to_all(out, axis, 2, 1, tiled=True, axis_index_groups=groups)
   return jnp.swapaxes(out, 1, 2)
 
 
 def ring_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array,
-                ulysses: int = 1) -> jax.Array:
+                ulysses: int = 1, tiles: str = "xla", interpret: bool = True) -> jax.Array:
   """Self-attention with tokens split over the mesh axes of `act_seq` (a ring over them;
   USP when `ulysses` > 1; 0: the largest group that divides both the axis and the heads
   a tensor shard holds). q/k/v [B, L, H, Dh] -> [B, L, H, Dh]. Without a mesh, or with
@@ -217,7 +271,8 @@ def ring_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Arr
   q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _local(q, k, v, q_segment_ids, kv_segment_ids, axis=None, size=1, ulysses=1)
+    return _local(q, k, v, q_segment_ids, kv_segment_ids, axis=None, size=1, ulysses=1, tiles=tiles,
+                  interpret=interpret)
   qkv, seg = logical_to_spec(RING_LAYOUT), logical_to_spec(("act_batch", "act_seq"))
   names = _names(qkv[1])
   size = math.prod(mesh.shape[a] for a in names)
@@ -229,7 +284,8 @@ def ring_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Arr
   if size % ulysses or heads % ulysses:
     raise ValueError(f"model.ulysses_degree={ulysses} must divide the context-parallel devices ({size}) and "
                      f"the heads each tensor shard holds ({heads}).")
-  local = functools.partial(_local, axis=names if names else None, size=size, ulysses=ulysses)
+  local = functools.partial(_local, axis=names if names else None, size=size, ulysses=ulysses, tiles=tiles,
+                            interpret=interpret)
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg), out_specs=qkv,
                        check_vma=False)(q, k, v, q_segment_ids, kv_segment_ids)
 
