@@ -491,3 +491,23 @@ def test_ring_attention_with_the_block_skipping_kernel_compiles_for_tpu():
   permute = r["collectives"]["by_kind"]["collective-permute"]["ici_gib"]
   assert 0.5 * r["collectives"]["ideal_gib"]["collective-permute"] <= permute
   assert permute <= r["collectives"]["ideal_gib"]["collective-permute"]
+
+
+def test_step_time_is_refused_when_three_layers_cost_less_than_two(monkeypatch, caplog):
+  """The step estimate extrapolates the 2- and 3-layer programs to the depth; when the compiler
+  prices 3 layers below 2 there is no slope, and the report says so instead of a negative time."""
+  import types
+
+  from src import config
+  from src.tasks import make_task
+
+  task = make_task(config.load(None, TINY + ["model.scan_layers=true"]))
+  seconds = iter([2.0, 1.5])
+  monkeypatch.setattr(aot, "lower_step", lambda *a: (types.SimpleNamespace(compile=lambda: None), None, None))
+  monkeypatch.setattr(aot, "xla_cost", lambda compiled: {"optimal_seconds": next(seconds), "flops": 1e9})
+  step = aot.step_seconds(task, None, None, None, aot.parse_topology("v5p-8"), 1e12, 1e12)
+  assert step["total"] is None and step["unrolled_optimal_seconds"] == [2.0, 1.5]
+  assert "no estimate" in caplog.text
+  seconds = iter([2.0, 2.5])  # a slope: 2 + 4 x 0.5 at depth 6, plus the kernels' FLOPs at peak
+  step = aot.step_seconds(task, None, None, None, aot.parse_topology("v5p-8"), 1e12, 1e12)
+  assert step["xla"] == 4.0 and step["total"] == 4.0 + (1e12 - 1e9) / 459e12
