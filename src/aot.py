@@ -213,11 +213,12 @@ def step_seconds(task, mesh: Mesh, rules, compiled, topo: Topology, flops_per_ch
     unrolled = lambda d: make_task(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, depth=d,
                                                                                       scan_layers=False)))
     cost = [xla_cost(lower_step(unrolled(d), mesh, rules)[0].compile()) for d in ((2, 3) if depth > 3 else (depth,))]
-    if len(cost) == 2 and cost[1]["optimal_seconds"] < cost[0]["optimal_seconds"]:
-      # the compiler estimated 3 layers below 2 (seen: dit_14b on v6e-256): no per-layer slope to
-      # extrapolate; say so instead of reporting a negative time
-      logging.warning("step time: the 3-layer program is estimated at %.3g s, below the 2-layer one's %.3g s: "
-                      "no estimate", cost[1]["optimal_seconds"], cost[0]["optimal_seconds"])
+    seconds = [c["optimal_seconds"] for c in cost]
+    if min(seconds) <= 0 or seconds != sorted(seconds):
+      # the compiler priced 3 layers below 2 (dit_14b, v6e-256) or a program at a negative time (dit_8b,
+      # v5e-16, offload): no per-layer slope to extrapolate; say so instead of reporting a negative time
+      logging.warning("step time: the compiler's estimates of the 2- and 3-layer programs (%s s) give no "
+                      "per-layer slope: no estimate", seconds)
       return dict(xla=None, total=None, mfu=None, unrolled_optimal_seconds=[c["optimal_seconds"] for c in cost])
     if len(cost) == 2:
       cost = [{k: v + (depth - 2) * (cost[1][k] - v) for k, v in cost[0].items()}]

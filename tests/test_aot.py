@@ -495,7 +495,8 @@ def test_ring_attention_with_the_block_skipping_kernel_compiles_for_tpu():
 
 def test_step_time_is_refused_when_three_layers_cost_less_than_two(monkeypatch, caplog):
   """The step estimate extrapolates the 2- and 3-layer programs to the depth; when the compiler
-  prices 3 layers below 2 there is no slope, and the report says so instead of a negative time."""
+  prices 3 layers below 2, or a program below zero, there is no slope, and the report says so
+  instead of a negative time."""
   import types
 
   from src import config
@@ -508,6 +509,8 @@ def test_step_time_is_refused_when_three_layers_cost_less_than_two(monkeypatch, 
   step = aot.step_seconds(task, None, None, None, aot.parse_topology("v5p-8"), 1e12, 1e12)
   assert step["total"] is None and step["unrolled_optimal_seconds"] == [2.0, 1.5]
   assert "no estimate" in caplog.text
+  seconds = iter([-3.0, -1.0])  # negative estimates (seen with host offload on v5e-16)
+  assert aot.step_seconds(task, None, None, None, aot.parse_topology("v5p-8"), 1e12, 1e12)["total"] is None
   seconds = iter([2.0, 2.5])  # a slope: 2 + 4 x 0.5 at depth 6, plus the kernels' FLOPs at peak
   step = aot.step_seconds(task, None, None, None, aot.parse_topology("v5p-8"), 1e12, 1e12)
   assert step["xla"] == 4.0 and step["total"] == 4.0 + (1e12 - 1e9) / 459e12
