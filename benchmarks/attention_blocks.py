@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.packing import PATCH, packed_steps, stream
+from benchmarks.packing import PATCH, append_lines, packed_steps, stream
 from src.data.sizes import tokens_of
 from src.models import flash
 
@@ -83,9 +83,7 @@ def main(argv=None) -> int:
       lines.append(json.dumps(dict(bench="attention_blocks", examples=args.examples, seq_len=seq_len, block=block,
                                    **{k: round(v, 4) for k, v in got.items()})))
       print(lines[-1], flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write("\n".join(lines) + "\n")
+  append_lines(lines, args.out)
   return 0
 
 

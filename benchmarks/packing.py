@@ -115,10 +115,15 @@ def main(argv=None) -> int:
     )
     lines.append(json.dumps(result))
     print(lines[-1], flush=True)
-  if args.out:
-    with open(args.out, "a") as f:
-      f.write("\n".join(lines) + "\n")
+  append_lines(lines, args.out)
   return 0
+
+
+def append_lines(lines: list[str], path: str | None) -> None:
+  """Append the printed JSON lines to `path` (--out), if given."""
+  if path:
+    with open(path, "a") as f:
+      f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
