@@ -23,7 +23,7 @@ from jax._src.interpreters import partial_eval as pe  # Saveable / Offloadable: 
 from jax.ad_checkpoint import checkpoint_name
 
 from src.batch import Packing
-from src import lora as lora_lib
+from src import fsdp, lora as lora_lib
 from src.config import REMAT_POLICIES, VARIANTS, LoRAConfig, ModelConfig
 from src.mesh import constrain
 from src.models.attention import Mask, Rope, attend, make_mask, rope_angles
@@ -186,6 +186,11 @@ class DiT(nnx.Module):
 
   def __call__(self, tokens: jax.Array, time: jax.Array, packing: Packing, drop: jax.Array | None = None,
                key: jax.Array | None = None) -> jax.Array:
+    with fsdp.reduction(self.cfg.gradient_reduce):  # how the Dense kernels' gradients are reduced
+      return self.forward(tokens, time, packing, drop, key)
+
+  def forward(self, tokens: jax.Array, time: jax.Array, packing: Packing, drop: jax.Array | None = None,
+              key: jax.Array | None = None) -> jax.Array:
     """tokens [B, L, P] noisy latents; time [B, K] model timesteps per example, or
     [B, K, F] per (example, patch frame) (`src.frames`: conditioning frames at time 0;
     frames at or past F - 1 read slot F - 1); packing: where the tokens sit and their

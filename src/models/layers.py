@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from src.lora import RANK_AXIS, LoRAParam
-from src.mesh import gather_for_use
+from src import fsdp
 
 Names = Sequence[str | None]
 zeros = nnx.initializers.zeros_init()
@@ -103,7 +103,7 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """`key`: the adapter's dropout (training only; None: none)."""
     x = x.astype(self.dtype)
-    y = jnp.tensordot(x, gather_for_use(self.kernel[...].astype(self.dtype), self.names), axes=self.n_in)
+    y = fsdp.dot(x, self.kernel[...].astype(self.dtype), self.names, self.n_in)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
