@@ -10,7 +10,7 @@ x^T dy of tokens split over the chips is reduced to row shards in three forms:
 - `torus`: one `psum_scatter` per torus dimension, over the chips that differ only in that
   coordinate (the fastest-varying dimension first; the row blocks are put in the order those
   scatters hand them out, so each chip still ends with its own rows): `src.fsdp`, what the
-  model's Dense layers do on such slices.
+  model's Dense layers do with `model.gradient_reduce=torus`.
 For each form it prints one JSON line: the collectives of the compiled program and the bytes a
 chip moves (`src.hlo`, ring costs), over the ideal reduce-scatter ((n - 1) / n of the gradient).
 docs/pod.md section 3 records what it found: from 8 v5p chips (a 2x2x2 torus) on, `auto`
@@ -31,8 +31,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from src import aot, hlo, mesh as mesh_lib
-from src.fsdp import torus_reduce, torus_steps
 from src.config import MeshConfig
+from src.fsdp import device_coords, torus_reduce, torus_steps
 
 
 def compile_forms(topology: str, rows: int, cols: int, tokens_per_chip: int = 4096) -> list[dict]:
@@ -40,7 +40,7 @@ def compile_forms(topology: str, rows: int, cols: int, tokens_per_chip: int = 40
   n = len(devices)
   chips = mesh_lib.make_mesh(MeshConfig(data=1, fsdp=-1, sequence=1, tensor=1), devices).devices
   mesh = jax.sharding.Mesh(chips.reshape(-1), ("fsdp",))  # the model's fsdp axis, in its device order
-  coords = np.array([d.coords for d in mesh.devices.reshape(-1)])
+  coords = np.array([device_coords(d) for d in mesh.devices.reshape(-1)])
   found = torus_steps(coords)
   x = jax.ShapeDtypeStruct((tokens_per_chip * n, rows), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
   dy = jax.ShapeDtypeStruct((tokens_per_chip * n, cols), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))

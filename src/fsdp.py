@@ -1,8 +1,8 @@
 """FSDP's weight-gradient reduction, one torus dimension at a time.
 
 A kernel split over `fsdp` gets its gradient from every device's tokens: partial sums to be
-reduce-scattered over the fsdp axis. On TPU slices of 8 chips and more (v5p's 3D torus, the 2D
-one of v5e and v6e), the compiler lowers that reduce-scatter -- made by GSPMD from a sharding
+reduce-scattered over the fsdp axis. On TPU slices from 8 v5p chips on (a 3D torus), and on the
+2D tori of v5e-16 and v6e-256, the compiler lowers that reduce-scatter -- made by GSPMD from a sharding
 constraint or asked for with shard_map's psum_scatter alike -- as collective-permutes or an
 all-reduce of the whole gradient and a slice: about twice the ideal bytes. One reduce-scatter per
 torus dimension, over the chips that differ only in that coordinate, it keeps as reduce-scatters
@@ -10,13 +10,13 @@ at the ideal volume (benchmarks/reduce_scatter.py; docs/pod.md section 3).
 
 The compiler's choice is not a mistake by its own cost model: a ring along one torus dimension
 uses that dimension's links only, where its all-reduce spans all of them, and it prices the
-per-dimension form 4-10% slower for a step (docs/pod.md section 3). So the TPU compiler's form
+per-dimension form 4-8% slower for a step (docs/pod.md section 3). So the TPU compiler's form
 stays the default; `model.gradient_reduce=torus` (`reduction`) asks for this one, to measure
 on a real pod.
 
 `dot` is a Dense layer's tensordot with that reduction: asked for, and where the mesh's fsdp
-axis spans more than one torus dimension, it runs inside shard_map (manual over the batch axes, tensor and
-sequence splits left to GSPMD), gathering the kernel's shards explicitly, and the gather's
+axis spans more than one torus dimension, it runs inside shard_map (manual over the batch
+axes, tensor and sequence splits left to GSPMD), gathering the kernel's shards explicitly, and the gather's
 custom VJP scatters the gradient back over `fsdp` one dimension at a time (the transpose sums
 it over `data`). The matmul stays a plain dot_general, so remat policies see it as before.
 Elsewhere (CPU, GPU, one torus dimension, a kernel split otherwise, rows the batch devices do

@@ -106,7 +106,7 @@ class ModelConfig:
   # FSDP weight gradients: compiler = GSPMD's reduce-scatter, which the TPU compiler lowers on 8+
   # chips to an all-reduce and a slice or permutes (about 2x the bytes; its cost model prices that
   # as faster); torus = one reduce-scatter per torus dimension (src.fsdp: the ideal bytes, priced
-  # 4-10% slower by the compiler on v5p-256; for measuring on a real pod). CPU/GPU: no difference.
+  # 4-8% slower by the compiler on v5p-256; for measuring on a real pod). CPU/GPU: no difference.
   gradient_reduce: Literal["compiler", "torus"] = "compiler"
   # A fresh run starts from these weights: a diffusers WanTransformer3DModel directory (or a
   # root with transformer/), or its Orbax copy (src.convert wan). A resume never reads it.
