@@ -67,6 +67,9 @@ def check(cfg: Config) -> None:
     raise ConfigError(f"train.eval_times={list(cfg.train.eval_times)}: each must lie in [0, 1].")
   if any(f < 1 for f in cfg.data.frame_counts):
     raise ConfigError(f"data.frame_counts={list(cfg.data.frame_counts)}: each must be >= 1.")
+  speed = list(cfg.data.synthetic.speed)
+  if len(speed) != 2 or not 0 < speed[0] <= speed[1]:
+    raise ConfigError(f"data.synthetic.speed={speed}: must be [lo, hi] pixels a frame with 0 < lo <= hi.")
   _check_lora(cfg)
   _check_context_parallel(cfg)
 

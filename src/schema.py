@@ -251,8 +251,10 @@ class SyntheticConfig:
   """Procedural moving-shape clips, made deterministically from the seed."""
 
   num_examples: int = 4096  # clips in the synthetic set (the held-out split has its own)
-  num_classes: int = 10  # labels: shape x colour x motion combinations used
+  num_classes: int = 10  # labels: the first (kind, colour) combinations (the caption also names the motion)
   max_shapes: int = 2  # most shapes per clip
+  # pixels a frame, drawn uniformly in [lo, hi] per clip, at a short side of 16 (scaled above it)
+  speed: tuple[float, float] = (0.5, 1.5)
 
 
 @dataclass

@@ -107,6 +107,7 @@ def test_every_numeric_field_has_a_range():
     ("optim.clip_norm=0", "optim.clip_norm"), ("optim.clip_norm=-1", "optim.clip_norm"),
     ("optim.ema_decay=2.0", "optim.ema_decay"), ("model.depth=0", "model.depth"), ("optim.eps=0", "optim.eps"),
     ("mesh.dcn_fsdp=0", "mesh sizes"), ("train.eval_times=[0.5,1.5]", "train.eval_times"),
+    ("data.synthetic.speed=[2,1]", "data.synthetic.speed"), ("data.synthetic.speed=[0,1]", "data.synthetic.speed"),
 ])
 def test_a_bad_value_exits_2_naming_the_key(override, key, capsys):
   from src.train import main

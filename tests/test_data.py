@@ -102,6 +102,21 @@ def test_shapes_move_along_the_caption_direction():
     assert motion @ direction > 0.5 * np.abs(motion).max(), (ex["caption"], motion)
 
 
+def test_shapes_move_at_the_configured_speed():
+  """synthetic.speed: pixels a frame at a 16-pixel short side (one square, so the centroid is the centre)."""
+  for speed in (0.5, 2.0):
+    cfg = _cfg(frames=4, height=16, width=16, synthetic=dict(num_examples=12, max_shapes=1, speed=(speed, speed)))
+    source = make_source(cfg, seed=2)
+    travelled = []
+    for i in range(len(source)):
+      ex = source[i]
+      if "square" not in ex["caption"]:
+        continue
+      centres = [np.argwhere(np.any(f != BACKGROUND, -1)).mean(0) for f in ex["video"]]
+      travelled.append(np.abs(centres[-1] - centres[0]).max() / 3)
+    assert travelled and abs(np.median(travelled) - speed) < 0.35, (speed, travelled)
+
+
 def test_unknown_source_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown data source 'nope'"):
     make_source(_cfg(source="nope"), seed=0)

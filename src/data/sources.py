@@ -90,12 +90,15 @@ class SyntheticSource:
   num_classes: int
   max_shapes: int
   seed: int
+  speed: tuple[float, float] = (0.5, 1.5)  # pixels a frame at a short side of 16, scaled above it
 
   def __post_init__(self):
     if not 1 <= self.num_classes <= MAX_CLASSES:
       raise ValueError(f"synthetic.num_classes={self.num_classes}: must be in [1, {MAX_CLASSES}] (kinds x colours)")
     if not 1 <= self.max_shapes <= len(NUMBER_WORDS):
       raise ValueError(f"synthetic.max_shapes={self.max_shapes}: must be in [1, {len(NUMBER_WORDS)}]")
+    if not 0 < self.speed[0] <= self.speed[1]:
+      raise ValueError(f"synthetic.speed={list(self.speed)}: must be [lo, hi] with 0 < lo <= hi")
 
   def __len__(self) -> int:
     return self.num_examples
@@ -117,7 +120,7 @@ class SyntheticSource:
   def _render(self, rng, shape, kind: str, colour: np.ndarray, count: int, direction) -> np.ndarray:
     T, H, W = shape
     small = min(H, W)
-    speed = rng.uniform(0.5, 1.5) * max(1.0, small / 16)  # pixels per frame
+    speed = rng.uniform(*self.speed) * max(1.0, small / 16)  # pixels per frame
     velocity = np.asarray(direction) * speed  # (vy, vx)
     travel = velocity * (T - 1)
     yy, xx = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")  # [H, W]
@@ -254,6 +257,7 @@ def _synthetic(data_cfg: DataConfig, seed: int, spatial_multiple: int, split: st
       num_classes=syn.num_classes,
       max_shapes=syn.max_shapes,
       seed=seed,
+      speed=tuple(syn.speed),
   )
 
 
