@@ -84,3 +84,27 @@ def test_a_model_trained_for_a_few_steps_fails(tmp_path):
       videos, [(-1, f"a {a.colour} {a.kind} moving {a.direction}") for a in asks])]
   samples = generate(graphdef, params, cfg, specs, steps=8, guidance=4.0)
   assert pass_fraction(samples, asks) <= 0.15
+
+
+def test_the_direction_probe_is_exactly_one_only_for_a_model_that_cannot_read_captions():
+  """benchmarks/sample_quality.py's direction_loss_ratio: at init the cross-attention's
+  output is zero, so reversing every caption's direction changes nothing; with random
+  weights everywhere the model reads the words and the ratio moves off 1."""
+  import jax
+
+  from benchmarks.sample_quality import direction_loss_ratio
+  from src import mesh as M
+  from src.state import create_model
+  from src.tasks import make_task
+
+  cfg = C.load(ROOT / "configs" / "smoke.yaml", ["model.depth=1", "model.width=32", "model.heads=2"])
+  task = make_task(cfg)
+  graphdef, params = create_model(task, M.make_mesh(cfg.mesh, jax.devices()[:1]), M.make_rules(), cfg.seed)
+  source = clip_source(cfg.data, cfg.seed, 2, "validation")
+  examples = [source[i] for i in range(40)]
+  assert direction_loss_ratio(cfg, task, graphdef, params, examples, seeds=1) == 1.0
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  noisy = jax.tree.unflatten(tree, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  ratio = direction_loss_ratio(cfg, task, graphdef, noisy, examples, seeds=1)
+  assert np.isfinite(ratio) and abs(ratio - 1.0) > 1e-4, ratio
