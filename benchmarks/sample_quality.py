@@ -53,10 +53,9 @@ def direction_loss_ratio(cfg, task, graphdef, params, examples, levels=(0.5, 0.7
   true = _packed(cfg, moving, [e["caption"] for e in moving])
   reversed_ = _packed(cfg, moving, [" ".join(e["caption"].split()[:-1] + [OPPOSITE[e["caption"].split()[-1]]])
                                     for e in moving])
-  model = merged(graphdef, params, {})
-  loss = jax.jit(lambda batch, level, key: task.eval_loss(model, batch, level, key))
+  loss = jax.jit(lambda params, batch, level, key: task.eval_loss(merged(graphdef, params, {}), batch, level, key))
   keys = [jax.random.key(s) for s in range(seeds)]
-  mean = lambda batch: np.mean([float(loss(batch, lv, k)) for lv in levels for k in keys])
+  mean = lambda batch: np.mean([float(loss(params, batch, lv, k)) for lv in levels for k in keys])
   return float(mean(reversed_) / mean(true))
 
 
