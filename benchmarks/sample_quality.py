@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from src.data.sources import DIRECTIONS, caption_tokens, clip_source
-from src.generate import Spec, generate
-from src.models.patch import first_fit, pack_rows, patchify
+from src.data.sources import DIRECTIONS, clip_source
+from src.generate import Spec, generate, pack_specs
 from src.quality import MOTION_FRAMES, Ask, judge, pass_fraction
 from src.runs import load_task_run
 from src.state import merged
@@ -34,15 +33,11 @@ assert set(OPPOSITE) == set(DIRECTIONS)
 
 
 def _packed(cfg, examples, captions):
-  """The clips with these captions packed into training rows (a run without a VAE: the clips are the latents)."""
-  out = []
-  for ex, caption in zip(examples, captions):
-    tokens, positions, grid = patchify(ex["video"], cfg.model.patch)
-    out.append(dict(tokens=tokens, positions=positions, grid=np.asarray(grid, np.int32), label=np.int32(ex["label"]),
-                    text=caption_tokens({"caption": caption}, cfg.data.text_len, cfg.model.cond_dim,
-                                        cfg.model.text_encoder)))
-  rows = first_fit([len(o["tokens"]) for o in out], cfg.data.seq_len, cfg.data.max_segments)
-  return jax.tree.map(jnp.asarray, pack_rows(out, cfg.data.seq_len, cfg.data.max_segments, rows=rows))
+  """The clips with these captions packed into rows of data.seq_len: every frame "given"
+  makes the packed tokens the clip itself (a run without a VAE: the clips are the latents)."""
+  specs = [Spec(ex["video"].shape[:3], int(ex["label"]), caption, given=ex["video"],
+                given_frames=tuple(range(ex["video"].shape[0]))) for ex, caption in zip(examples, captions)]
+  return jax.tree.map(jnp.asarray, pack_specs(cfg, specs, seq_len=cfg.data.seq_len)[0])
 
 
 def direction_loss_ratio(cfg, task, graphdef, params, examples, levels=(0.5, 0.7), seeds=4) -> float:
